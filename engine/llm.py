@@ -48,6 +48,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None  # default: the checkpoint's max_position_embeddings
+    pack_weights: bool = True  # CPU float32/bfloat16: oneDNN-packed linear layers (engine/packed_linear.py)
 
 
 class LLM:
@@ -66,6 +67,7 @@ class LLM:
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 512,
         max_model_len: int | None = None,
+        pack_weights: bool = True,
     ):
         self.model_dir = Path(model)
         self.config = ModelConfig.from_dir(self.model_dir)
@@ -77,10 +79,11 @@ class LLM:
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             max_model_len=max_model_len,
+            pack_weights=pack_weights,
         )
         ec = self.engine_config
         tensors = load_weights(self.model_dir, self.config, ec.dtype)
-        self.model = build_model(self.config, tensors, ec.dtype, ec.device)
+        self.model = build_model(self.config, tensors, ec.dtype, ec.device, ec.pack_weights)
         del tensors
         self.kv_cache = KVCache(self.config, ec.cache, ec.dtype, ec.device)
         self.blocks = BlockManager(self.kv_cache, ec.cache.enable_prefix_caching)

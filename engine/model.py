@@ -10,6 +10,7 @@ from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelConfig, RopeScaling
+from engine.packed_linear import PackedLinear, can_pack, pack_linear
 
 
 class RMSNorm(nn.Module):
@@ -19,10 +20,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 as the reference does, then scale in the model dtype.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # Normalise in float32 as the reference does, then scale in the model dtype (bit-identical to it).
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
@@ -48,10 +49,19 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate halves (HF's layout): x `[T, heads, D]`, cos/sin `[T, 1, D/2]`."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and signed sin `[T, 1, D]` for `apply_rope`, computed once per step for all layers."""
+    freqs = positions.float().unsqueeze(1) * inv_freq.unsqueeze(0)  # [T, D/2]
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat((cos, cos), -1).to(dtype).unsqueeze(1), torch.cat((-sin, sin), -1).to(dtype).unsqueeze(1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate halves (HF's layout) of x `[T, heads, D]`: `[x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]`.
+
+    Written as `x * cos + roll(x) * [-sin, sin]`, which rounds exactly like the reference in fewer ops.
+    """
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 class DecoderLayer(nn.Module):
@@ -76,7 +86,7 @@ class DecoderLayer(nn.Module):
         qk = apply_rope(qkv[:, : (h + kvh) * d].view(t, h + kvh, d), cos, sin)
         q, k = qk[:, :h], qk[:, h:]
         v = qkv[:, (h + kvh) * d :].view(t, kvh, d)
-        attn = paged_attention(q * d**-0.5, k, v, k_pool, v_pool, meta, self.index)
+        attn = paged_attention(q, k, v, k_pool, v_pool, meta, self.index, d**-0.5)
         x = x + self.o_proj(attn)
         gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
@@ -103,9 +113,7 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """Hidden states `[T, hidden]` after the final norm for the flat batch of new tokens."""
         x = self.embed_tokens(input_ids)
-        freqs = positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)  # once per step, for all layers
-        cos = freqs.cos().to(x.dtype).unsqueeze(1)
-        sin = freqs.sin().to(x.dtype).unsqueeze(1)
+        cos, sin = rope_tables(positions, self.inv_freq, x.dtype)
         for i, layer in enumerate(self.layers):
             kp = None if k_pools is None else k_pools[i]
             vp = None if v_pools is None else v_pools[i]
@@ -113,8 +121,18 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        if self.lm_head is None:  # tied to the embedding
+            return F.linear(hidden, self.embed_tokens.weight).float()
+        return self.lm_head(hidden).float()
+
+    def pack_weights(self) -> None:
+        """Hold every linear layer and the output head in oneDNN's packed layout (see engine/packed_linear.py)."""
+        for layer in self.layers:
+            for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+                setattr(layer, name, pack_linear(getattr(layer, name)))
+        # A tied head gets its own packed copy (vocab x hidden more bytes): the embedding lookup needs dense rows.
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        self.lm_head = PackedLinear(head)
 
     @torch.no_grad()
     def load_hf_weights(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -141,11 +159,16 @@ def _load_linear(linear: nn.Linear, tensors: dict[str, torch.Tensor], names: lis
         linear.bias.copy_(torch.cat([tensors[n + ".bias"] for n in names]))
 
 
-def build_model(config: ModelConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device) -> LlamaModel:
-    """Allocate the model without random init (meta device), then fill it from the checkpoint."""
+def build_model(
+    config: ModelConfig, tensors: dict[str, torch.Tensor], dtype: torch.dtype, device, pack_weights: bool = True
+) -> LlamaModel:
+    """Allocate the model without random init (meta device), fill it from the checkpoint, pack it for CPU."""
     with torch.device("meta"):
         model = LlamaModel(config)
     model = model.to_empty(device=device).to(dtype)
     model.inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling).to(device)
     model.load_hf_weights(tensors)
-    return model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    if pack_weights and can_pack(torch.device(device), dtype):
+        model.pack_weights()
+    return model

@@ -82,8 +82,7 @@ class ModelRunner:
         mask = None
         if min(lens) != max(lens):
             valid = torch.arange(max(lens)).unsqueeze(0) < torch.tensor(lens).unsqueeze(1)
-            mask = torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))
-            mask = mask.view(len(lens), 1, 1, -1).to(self.device)
+            mask = valid.view(len(lens), 1, 1, -1).to(self.device)
         sinks = [captures.get(w.seq.seq_id) for w in decode]
         return DecodeBatch(key_slots, mask, lens, sinks if any(s is not None for s in sinks) else None)
 
