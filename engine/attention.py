@@ -70,7 +70,7 @@ class PrefillSegment:
 
 @dataclass
 class DecodeBatch:
-    """The decode rows (one new token per sequence) that lead the flat token batch."""
+    """Consecutive decode rows (one new token per sequence) of similar context length, padded to the longest."""
 
     key_slots: torch.Tensor  # [batch, max_context] cache slots (padding points at slot 0)
     key_mask: torch.Tensor | None  # [batch, 1, 1, max_context] True = real key; None when lengths are equal
@@ -81,12 +81,8 @@ class DecodeBatch:
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor | None  # [tokens] where each new token's K/V go; None = no cache
-    decode: DecodeBatch | None
+    decode: list[DecodeBatch]  # the decode rows lead the flat batch, group after group
     prefills: list[PrefillSegment]
-
-    @property
-    def num_decode(self) -> int:
-        return 0 if self.decode is None else len(self.decode.context_lens)
 
 
 def paged_attention(
@@ -103,10 +99,11 @@ def paged_attention(
     if meta.slot_mapping is not None:
         _write_cache(k, v, k_pool, v_pool, meta.slot_mapping)
     # Decode rows lead the flat batch and prefill segments follow in order, so the parts concatenate.
-    parts = []
-    nd = meta.num_decode
-    if nd:
-        parts.append(_decode(q[:nd], k_pool, v_pool, meta.decode, layer, scale))
+    parts, row = [], 0
+    for batch in meta.decode:
+        n = len(batch.context_lens)
+        parts.append(_decode(q[row : row + n], k_pool, v_pool, batch, layer, scale))
+        row += n
     for seg in meta.prefills:
         rows = slice(seg.token_start, seg.token_start + seg.num_tokens)
         parts.append(_prefill(q[rows], k[rows], v[rows], k_pool, v_pool, seg, layer, scale))
@@ -185,3 +182,20 @@ def _causal_mask(q_len: int, ctx: int, device) -> torch.Tensor:
     """Query i (absolute position ctx - q_len + i) sees keys 0..ctx - q_len + i."""
     q_pos = torch.arange(ctx - q_len, ctx, device=device).unsqueeze(1)
     return torch.arange(ctx, device=device).unsqueeze(0) <= q_pos
+
+
+def group_by_length(context_lens: list[int], max_padding: int, max_keys: int) -> list[int]:
+    """Sizes of consecutive runs of ascending `context_lens`: padding a run to its longest member adds at
+    most `max_padding` key positions, and a run of more than one member holds at most `max_keys` keys."""
+    sizes: list[int] = []
+    count = total = 0
+    for length in context_lens:
+        padded = (count + 1) * length
+        if count and (padded - (total + length) > max_padding or padded > max_keys):
+            sizes.append(count)
+            count = total = 0
+        count += 1
+        total += length
+    if count:
+        sizes.append(count)
+    return sizes

@@ -6,10 +6,17 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention import AttentionMetadata, CaptureSink, DecodeBatch, PrefillSegment
+from engine.attention import AttentionMetadata, CaptureSink, DecodeBatch, PrefillSegment, group_by_length
 from engine.kv_cache import BlockManager, KVCache
 from engine.model import LlamaModel
 from engine.sequence import Sequence
+
+
+# Decode rows are attended in batches of similar length: a batch may carry this many padded key positions
+# (each batch costs two cache gathers and one attention call per layer) and this many keys in all (so its
+# gathered K/V stay in cache for the attention that reads them). Tuned in docs/PERFORMANCE.md.
+DECODE_MAX_PADDING = 256
+DECODE_MAX_KEYS = 4096
 
 
 @dataclass
@@ -47,7 +54,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, work: list[ScheduledSeq]) -> ForwardOutput:
         """One forward pass over all scheduled work; commits the new tokens to each block table."""
-        decode = [w for w in work if w.is_decode]
+        # Decode rows sorted by context length, so that rows of similar length share one padded batch.
+        decode = sorted((w for w in work if w.is_decode), key=lambda w: w.seq.num_tokens)
         prefill = [w for w in work if not w.is_decode]
         ordered = decode + prefill  # decode rows lead the flat batch
         ids, positions, slots = [], [], []
@@ -62,7 +70,7 @@ class ModelRunner:
         }
         meta = AttentionMetadata(
             slot_mapping=self._tensor(slots),
-            decode=self._decode_batch(decode, captures) if decode else None,
+            decode=self._decode_batches(decode, captures),
             prefills=self._prefill_segments(prefill, len(decode), captures),
         )
         hidden = self.model(self._tensor(ids), self._tensor(positions), meta, self.kv_cache.k, self.kv_cache.v)
@@ -75,6 +83,14 @@ class ModelRunner:
                 sampled.append(w.seq)
         logits = self.model.compute_logits(hidden[rows]) if rows else hidden.new_empty(0, 0).float()
         return ForwardOutput(logits, sampled, captures)
+
+    def _decode_batches(self, decode: list[ScheduledSeq], captures: dict[int, CaptureSink]) -> list[DecodeBatch]:
+        """Split the (length-sorted) decode rows into batches that waste little attention on padding."""
+        batches, start = [], 0
+        for size in group_by_length([w.seq.num_tokens for w in decode], DECODE_MAX_PADDING, DECODE_MAX_KEYS):
+            batches.append(self._decode_batch(decode[start : start + size], captures))
+            start += size
+        return batches
 
     def _decode_batch(self, decode: list[ScheduledSeq], captures: dict[int, CaptureSink]) -> DecodeBatch:
         lens = [w.seq.num_tokens for w in decode]
@@ -112,7 +128,7 @@ class ModelRunner:
     def full_logits(self, token_ids: list[int]) -> torch.Tensor:
         """Logits at every position of one sequence, without touching the cache."""
         n = len(token_ids)
-        meta = AttentionMetadata(slot_mapping=None, decode=None, prefills=[PrefillSegment(0, n, None)])
+        meta = AttentionMetadata(slot_mapping=None, decode=[], prefills=[PrefillSegment(0, n, None)])
         ids = self._tensor(token_ids)
         hidden = self.model(ids, torch.arange(n, device=self.device), meta, None, None)
         return self.model.compute_logits(hidden)

@@ -157,3 +157,42 @@ def test_capture_inside_a_batch(tiny_dir):
         assert got.query_position == want.query_position
         assert list(got.layers) == [1] and got.layers[1].shape == (2, got.query_position + 1)
         assert abs(got.layers[1] - want.layers[1]).max() < 1e-5
+
+
+def test_group_by_length_bounds_padding_and_keys():
+    from engine.attention import group_by_length
+
+    assert group_by_length([], 10, 100) == []
+    assert group_by_length([5], 0, 1) == [1]  # a lone sequence is never split
+    assert group_by_length([3, 3, 3, 4], 0, 100) == [3, 1]  # no padding allowed: equal lengths only
+    assert group_by_length([1, 2, 3, 10], 3, 100) == [3, 1]  # [1,2,3] pads 3; adding 10 would pad 24
+    assert group_by_length([10, 10, 10, 10], 1000, 25) == [2, 2]  # at most 25 keys per multi-row batch
+    lens = sorted([7, 90, 91, 300, 301, 302, 1000])
+    sizes = group_by_length(lens, 16, 10_000)
+    assert sum(sizes) == len(lens)
+    start = 0
+    for n in sizes:
+        run = lens[start : start + n]
+        assert n * max(run) - sum(run) <= 16
+        start += n
+
+
+def test_decode_split_into_length_groups_matches_one_batch(tiny_dir, monkeypatch):
+    """Rows attended in many small padded batches give the tokens and attention of one big batch."""
+    import engine.runner as runner
+    from engine import AttentionCapture
+
+    llm = LLM(tiny_dir, block_size=4, num_blocks=512)
+    ps = prompts(6, seed=7)
+    cap = AttentionCapture(layers=[0, 1])
+    one_batch = llm.generate(ps, greedy(12), capture=cap)
+    monkeypatch.setattr(runner, "DECODE_MAX_PADDING", 0)  # every distinct length is its own batch
+    monkeypatch.setattr(runner, "DECODE_MAX_KEYS", 1)
+    split = llm.generate(ps, greedy(12), capture=cap)
+    assert len({len(p) for p in ps}) > 3  # the split really happens
+    for a, b in zip(one_batch, split):
+        assert a.token_ids == b.token_ids
+        for ra, rb in zip(a.attention, b.attention):
+            assert ra.query_position == rb.query_position
+            assert max(float(abs(ra.layers[i] - rb.layers[i]).max()) for i in (0, 1)) < 1e-5  # float32 rounding of different batch shapes
+    assert llm.blocks.allocator.num_used == 0
