@@ -14,6 +14,7 @@ from torch import nn
 
 # Packing is for CPUs oneDNN drives natively; float16 needs AVX512-FP16, so it keeps the plain path.
 _PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
+_LINEAR = torch.ops.mkldnn._linear_pointwise.default if hasattr(torch.ops.mkldnn, "_linear_pointwise") else None
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
@@ -22,6 +23,7 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
         device.type == "cpu"
         and dtype in _PACKABLE_DTYPES
         and torch.backends.mkldnn.is_available()
+        and _LINEAR is not None
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
     )
 
@@ -38,7 +40,10 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else bias.detach().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return _LINEAR(x, self.packed, self.bias, "none", [], "")
+
+    # Called ~120 times per decoded token: skip nn.Module's hook dispatch (these layers take no hooks).
+    __call__ = forward
 
     @property
     def weight(self) -> torch.Tensor:
