@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -54,10 +53,6 @@ def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    return statistics.median(timed(fn) for _ in range(repeats))
 
 
 def write_json(name: str, payload: dict) -> Path:
