@@ -196,3 +196,16 @@ def test_decode_split_into_length_groups_matches_one_batch(tiny_dir, monkeypatch
             assert ra.query_position == rb.query_position
             assert max(float(abs(ra.layers[i] - rb.layers[i]).max()) for i in (0, 1)) < 1e-5  # float32 rounding of different batch shapes
     assert llm.blocks.allocator.num_used == 0
+
+
+def test_prefill_sdpa_path_matches_explicit_path(tiny_dir, monkeypatch):
+    """Long chunks switch from explicit scores to SDPA: same logits and tokens, with and without a prefix."""
+    import engine.attention as attention
+
+    llm = LLM(tiny_dir, block_size=4, num_blocks=512, max_num_batched_tokens=16)  # 50 tokens: 4 chunks
+    ids = prompts(1, seed=11)[0] + list(range(50))
+    explicit_logits = llm.logits(ids)
+    explicit_tokens = run_alone(llm, ids, greedy(8))
+    monkeypatch.setattr(attention, "PREFILL_MAX_EXPLICIT_SCORES", 0)
+    assert (llm.logits(ids) - explicit_logits).abs().max().item() < 1e-5
+    assert run_alone(llm, ids, greedy(8)) == explicit_tokens
