@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from engine.attention import AttentionCapture, CaptureSink
 from engine.config import ModelConfig
@@ -28,6 +30,7 @@ class Request:
     detokenizer: IncrementalDetokenizer
     stop: StopChecker
     logprobs: list[TokenLogprob] | None
+    prefill_chunks: list[dict[int, torch.Tensor]] = field(default_factory=list)  # prompt matrices, per chunk
 
 
 class LLMEngine:
@@ -127,11 +130,24 @@ class LLMEngine:
             return []
         by_seq = {id(r.seq): r for r in self.requests.values()}
         out = self.runner.run(work)
+        self._collect_prefill_matrices(out.captures)
         if not out.sampled:
             return []
         reqs = [by_seq[id(s)] for s in out.sampled]
         sampled = self._sample(out.logits, reqs)
         return [self._advance(req, i, sampled, out.captures.get(req.seq.seq_id)) for i, req in enumerate(reqs)]
+
+    def _collect_prefill_matrices(self, captures: dict[int, CaptureSink]) -> None:
+        """Keep each prompt chunk's attention matrices until the prompt's last chunk has run."""
+        by_id = {r.seq.seq_id: r for r in self.requests.values()}
+        for seq_id, sink in captures.items():
+            req = by_id.get(seq_id)
+            if req is None or not sink.matrices or req.seq.output_ids:
+                continue
+            chunk_len, context = next(iter(sink.matrices.values())).shape[1:]
+            if chunk_len == context:  # the prompt's first chunk (again, after a preemption)
+                req.prefill_chunks.clear()
+            req.prefill_chunks.append(sink.matrices)
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
         seqs = [r.seq for r in reqs]
@@ -156,6 +172,9 @@ class LLMEngine:
             logprob = TokenLogprob(token, float(sampled.logprobs[row]), top)
             req.logprobs.append(logprob)
         attention = [rows_from_sink(sink, query_position, 0)] if sink is not None else None
+        if attention and req.prefill_chunks:
+            attention[0].prefill = _join_chunks(req.prefill_chunks)
+            req.prefill_chunks = []
         if reason == "length":  # no stop string can follow; release text the detokenizer still holds
             tail = req.detokenizer.flush()
             text += tail
@@ -199,6 +218,16 @@ class LLMEngine:
         }
 
 
+def _join_chunks(chunks: list[dict[int, torch.Tensor]]) -> dict[int, np.ndarray]:
+    """Per layer, the chunks' `[heads, chunk_len, context_so_far]` matrices as one `[heads, P, P]` matrix."""
+    out = {}
+    for layer in chunks[-1]:
+        parts = [c[layer] for c in chunks]
+        total = parts[-1].shape[-1]
+        out[layer] = torch.cat([F.pad(p, (0, total - p.shape[-1])) for p in parts], dim=1).numpy()
+    return out
+
+
 def rows_from_sink(sink: CaptureSink, query_position: int, row: int) -> AttentionRows:
     """The captured rows of one query (row `row` of the sink's trailing rows) as numpy arrays."""
     num_heads = next(iter(sink.rows.values())).shape[0] if sink.rows else 0
@@ -207,4 +236,9 @@ def rows_from_sink(sink: CaptureSink, query_position: int, row: int) -> Attentio
         layer: rows[:, row, : query_position + 1].numpy()
         for layer, rows in sorted(sink.rows.items())
     }
-    return AttentionRows(query_position, tuple(heads), layers)
+    out = AttentionRows(query_position, tuple(heads), layers)
+    if row == 0 and sink.matrices:
+        out.prefill = {layer: m.numpy() for layer, m in sorted(sink.matrices.items())}
+    if sink.spec.top_k is not None:
+        out.top = out.top_k(sink.spec.top_k)
+    return out

@@ -32,6 +32,11 @@ class AttentionRows:
     query_position: int  # absolute position of the query token
     heads: tuple[int, ...]  # which query heads the rows are, in order
     layers: dict[int, np.ndarray]  # layer -> [heads, context_len] float32
+    # With AttentionCapture(prefill_matrix=True), on the first step (and on a session's fed chunk):
+    # layer -> [heads, queries, context_len] for every query of that pass, causal (zeros above the diagonal).
+    prefill: dict[int, np.ndarray] | None = None
+    # With AttentionCapture(top_k=k): the k largest entries of each row (the full rows stay in `layers`).
+    top: dict[int, TopKAttention] | None = None
 
     @property
     def key_positions(self) -> np.ndarray:

@@ -60,7 +60,8 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            if not seq.block_table.blocks:
+            # A request that wants its prompt's full attention matrix computes every prompt token.
+            if not seq.block_table.blocks and not (seq.capture is not None and seq.capture.prefill_matrix):
                 reused = self.blocks.match_prefix(seq.block_table, seq.token_ids)
                 if not seq.output_ids:
                     seq.num_cached_prompt_tokens = reused

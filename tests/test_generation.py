@@ -226,21 +226,34 @@ def test_attention_top_k(gqa_llm):
 
 
 def test_prefill_matrix_capture_matches_hf(gqa_llm, tiny_hf):
-    # No public API exposes AttentionCapture(prefill_matrix=True) (RequestOutput / Step carry only the
-    # query rows), so this drives the ModelRunner directly and checks the CaptureSink it returns.
-    llm = gqa_llm
+    """AttentionCapture(prefill_matrix=True): the first step carries the prompt's full causal matrix."""
     ids = list(b"prefill matrix!")
     spec = AttentionCapture(layers=(1,), heads=(1, 2), prefill_matrix=True)
-    seq = Sequence(llm.engine.seq_ids.next(), list(ids), len(ids), SamplingParams(temperature=0.0), spec)
-    try:
-        out = llm.runner.run([ScheduledSeq(seq, len(ids))])
-    finally:
-        llm.blocks.release(seq.block_table)
-    sink = out.captures[seq.seq_id]
-    assert sorted(sink.matrices) == [1]
-    want = hf_attentions(tiny_hf["gqa"], ids)[1][[1, 2]]
-    np.testing.assert_allclose(sink.matrices[1].numpy(), want, atol=1e-5, rtol=0)
-    assert llm.blocks.allocator.num_free == llm.blocks.allocator.num_blocks
+    want = hf_attentions(tiny_hf["gqa"], ids)[1][[1, 2]]  # [heads, T, T]
+    with gqa_llm.session(ids, capture=spec) as s:
+        first, second = s.step().attention, s.step().attention
+    assert sorted(first.prefill) == [1] and first.prefill[1].shape == (2, len(ids), len(ids))
+    np.testing.assert_allclose(first.prefill[1], want, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(first.prefill[1][:, -1], first.layers[1])  # its last row is the step's row
+    assert second.prefill is None  # decode steps have no matrix
+    # The engine computes the whole prompt for such a request (the session above left its blocks in the
+    # prefix cache) and joins the chunks of a chunked prefill into one matrix.
+    for llm in (gqa_llm, LLM(gqa_llm.model_dir, block_size=4, max_num_batched_tokens=4)):
+        out = llm.generate(ids, SamplingParams(temperature=0.0, max_tokens=2), spec)[0]
+        assert out.num_cached_prompt_tokens == 0
+        np.testing.assert_allclose(out.attention[0].prefill[1], want, atol=1e-5, rtol=0)
+        assert out.attention[1].prefill is None
+        assert llm.blocks.allocator.num_used == 0
+
+
+def test_capture_top_k_fills_the_summary(gqa_llm):
+    out = gqa_llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=2), AttentionCapture(top_k=3))[0]
+    for rows in out.attention:
+        assert rows.top is not None and sorted(rows.top) == sorted(rows.layers)
+        for layer, t in rows.top.items():
+            np.testing.assert_array_equal(t.probs, rows.top_k(3)[layer].probs)
+    plain = gqa_llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=1), AttentionCapture())[0]
+    assert plain.attention[0].top is None
 
 
 @pytest.fixture(scope="module")
