@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
@@ -126,27 +127,18 @@ async def completions(body: CompletionRequest, request: Request):
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     extra = {"usage": None} if include_usage else {}
 
-    async def events():
-        try:
-            while (item := await group.next()) is not None:
-                i, out = item
-                c = choices[i]
-                n_before = len(c.logprobs)
-                c.add(out)
-                if not (out.new_text or out.finished or (want_lp and out.new_logprobs)):
-                    continue
-                lp = completion_logprobs(c.logprobs[n_before:], c.offsets[n_before:], tok) if want_lp else None
-                choice = {"index": i, "text": out.new_text, "logprobs": lp, "finish_reason": c.finish_reason}
-                yield sse({**meta, "choices": [choice], **extra})
-            if include_usage:
-                yield sse({**meta, "choices": [], "usage": _usage(len(ids), choices)})
-        except EngineStepError as e:
-            yield sse(error_body(str(e), "server_error"))
-        finally:
-            group.close()
-        yield SSE_DONE
+    def on_output(i: int, out: RequestOutput) -> Iterator[str]:
+        c = choices[i]
+        n_before = len(c.logprobs)
+        c.add(out)
+        if not (out.new_text or out.finished or (want_lp and out.new_logprobs)):
+            return
+        lp = completion_logprobs(c.logprobs[n_before:], c.offsets[n_before:], tok) if want_lp else None
+        choice = {"index": i, "text": out.new_text, "logprobs": lp, "finish_reason": c.finish_reason}
+        yield sse({**meta, "choices": [choice], **extra})
 
-    return stream_response(events(), group)
+    usage = {**meta, "choices": []} if include_usage else None
+    return stream_response(_choice_events(group, [], on_output, usage, len(ids), choices), group)
 
 
 # ---- /v1/chat/completions ------------------------------------------------------------------------------
@@ -200,29 +192,38 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         return sse({**chunk, "choices": [choice], **extra})
 
-    async def events():
-        try:
-            for i in range(body.n):
-                yield make(i, {"role": "assistant", "content": ""})
-            while (item := await group.next()) is not None:
-                i, out = item
-                c = choices[i]
-                n_before = len(c.logprobs)
-                c.add(out)
-                lps = c.logprobs[n_before:]
-                if out.new_text or (body.logprobs and lps):
-                    yield make(i, {"content": out.new_text}, chat_logprobs(lps, tok) if body.logprobs else None)
-                if out.finished:
-                    yield make(i, {}, None, c.finish_reason)
-            if include_usage:
-                yield sse({**chunk, "choices": [], "usage": _usage(len(ids), choices)})
-        except EngineStepError as e:
-            yield sse(error_body(str(e), "server_error"))
-        finally:
-            group.close()
-        yield SSE_DONE
+    def on_output(i: int, out: RequestOutput) -> Iterator[str]:
+        c = choices[i]
+        n_before = len(c.logprobs)
+        c.add(out)
+        lps = c.logprobs[n_before:]
+        if out.new_text or (body.logprobs and lps):
+            yield make(i, {"content": out.new_text}, chat_logprobs(lps, tok) if body.logprobs else None)
+        if out.finished:
+            yield make(i, {}, None, c.finish_reason)
 
-    return stream_response(events(), group)
+    roles = [make(i, {"role": "assistant", "content": ""}) for i in range(body.n)]
+    usage = {**chunk, "choices": []} if include_usage else None
+    return stream_response(_choice_events(group, roles, on_output, usage, len(ids), choices), group)
+
+
+async def _choice_events(group, first: list[str], on_output, usage: dict | None, prompt_len: int,
+                         choices: list[Choice]) -> AsyncIterator[str]:
+    """The SSE stream of a completion: `first`, then `on_output`'s events per output, then the usage chunk
+    (when asked), then [DONE]; an engine failure becomes an error event, and the group is always closed."""
+    try:
+        for event in first:
+            yield event
+        while (item := await group.next()) is not None:
+            for event in on_output(*item):
+                yield event
+        if usage is not None:
+            yield sse({**usage, "usage": _usage(prompt_len, choices)})
+    except EngineStepError as e:
+        yield sse(error_body(str(e), "server_error"))
+    finally:
+        group.close()
+    yield SSE_DONE
 
 
 # ---- /v1/models ----------------------------------------------------------------------------------------
