@@ -165,7 +165,12 @@ class LLMEngine:
         token = int(sampled.token_ids[row])
         query_position = seq.num_tokens - 1
         seq.token_ids.append(token)
-        text, reason = req.stop.push(token, req.detokenizer.add(token))
+        if req.stop.is_stop_token(token):
+            # Its own text is not output, but a byte run it ends (held by the detokenizer) is.
+            delta = req.detokenizer.flush()
+        else:
+            delta = req.detokenizer.add(token)
+        text, reason = req.stop.push(token, delta)
         logprob = None
         if req.logprobs is not None:
             top = list(zip(sampled.top_token_ids[row] or [], sampled.top_logprobs[row] or []))

@@ -71,18 +71,27 @@ class StopChecker:
             ids |= self.eos_token_ids
         return tuple(sorted(ids))
 
+    def is_stop_token(self, token_id: int) -> bool:
+        """Whether `token_id`, as the next token, ends the sequence by itself (eos or a stop token id)."""
+        if self.num_generated + 1 < self.params.min_tokens:
+            return False
+        return token_id in self.stop_token_ids or (not self.params.ignore_eos and token_id in self.eos_token_ids)
+
     def push(self, token_id: int, text_delta: str = "", num_generated: int | None = None) -> tuple[str, str | None]:
         """Account for one new token. `num_generated`: tokens generated including this one (default:
-        counted here). Returns (text to emit now, finish reason or None)."""
+        counted here). Returns (text to emit now, finish reason or None).
+
+        `text_delta` is the text the token added; for a stop token (see `is_stop_token`), whose own text is
+        not output, pass the text still held back before it (the detokenizer's flush)."""
         if self.finished:
             raise RuntimeError(f"push() after the sequence finished ({self.finish_reason})")
         self.num_generated = self.num_generated + 1 if num_generated is None else num_generated
         may_stop = self.num_generated >= self.params.min_tokens
 
         if may_stop and not self.params.ignore_eos and token_id in self.eos_token_ids:
-            return self._finish("stop", None, self._take_held())
+            return self._finish("stop", None, self._take_held() + text_delta)
         if may_stop and token_id in self.stop_token_ids:
-            return self._finish("stop", token_id, self._take_held())
+            return self._finish("stop", token_id, self._take_held() + text_delta)
 
         held = self._held + text_delta
         new_start = len(self._held)  # a fresh match must end inside the new delta

@@ -209,3 +209,36 @@ def test_prefill_sdpa_path_matches_explicit_path(tiny_dir, monkeypatch):
     monkeypatch.setattr(attention, "PREFILL_MAX_EXPLICIT_SCORES", 0)
     assert (llm.logits(ids) - explicit_logits).abs().max().item() < 1e-5
     assert run_alone(llm, ids, greedy(8)) == explicit_tokens
+
+
+@pytest.mark.parametrize(
+    "text, stop_id, want",
+    [
+        ("é", 258, "é"),  # eos right after a 2-byte character the detokenizer still holds
+        ("a\xc3", 258, "a\ufffd"),  # an unfinished character: what decode gives, not nothing
+        ("aé", 7, "aé"),  # a stop token id: its own text is not output
+    ],
+)
+def test_stop_token_releases_held_bytes(tiny_dir, monkeypatch, text, stop_id, want):
+    """The byte tokenizer holds text while a UTF-8 character may be incomplete; a stop ends that."""
+    import torch
+
+    from engine.sampling import SamplerOutput
+
+    llm = LLM(tiny_dir)
+    raw = text.encode("latin-1") if "\xc3" in text else text.encode()
+    script = [llm.tokenizer.token_to_id(_byte_symbol(b)) for b in raw] + [stop_id]
+    tokens = iter(script)
+    monkeypatch.setattr(llm.engine, "_sample", lambda logits, reqs: SamplerOutput(torch.tensor([next(tokens)])))
+    out = llm.generate([5, 6, 7], SamplingParams(temperature=0.0, max_tokens=10, stop_token_ids=[7]))[0]
+    assert out.finish_reason == "stop" and out.token_ids == script
+    assert out.text == want == llm.tokenizer.decode(script[:-1])
+    assert llm.blocks.allocator.num_used == 0
+
+
+def _byte_symbol(b: int) -> str:
+    """GPT-2's printable stand-in for byte `b` (what byte-level BPE vocabularies hold)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    if b in printable:
+        return chr(b)
+    return chr(256 + sum(1 for x in range(b) if x not in printable))

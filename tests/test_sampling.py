@@ -455,7 +455,8 @@ def test_flush_releases_held_text_when_no_stop_matches():
 def test_eos_and_ignore_eos():
     c = StopChecker(SamplingParams(max_tokens=10), eos_token_ids=[2, 3])
     assert c.push(5, "hi") == ("hi", None)
-    assert c.push(3, "</s>") == ("", "stop")
+    assert c.is_stop_token(3) and not c.is_stop_token(5)
+    assert c.push(3, "") == ("", "stop")  # a stop token's own text is never passed in
     assert c.stop_reason is None and c.finished
     with pytest.raises(RuntimeError):
         c.push(5, "x")
@@ -470,6 +471,20 @@ def test_eos_releases_held_text():
     c = StopChecker(SamplingParams(stop="abc"), eos_token_ids=[2])
     assert c.push(7, "xa") == ("x", None)
     assert c.push(2, "") == ("a", "stop")
+    # Text released just before the stop token (a byte run it closed) is emitted with the held text.
+    c = StopChecker(SamplingParams(stop="abc", stop_token_ids=[9]), eos_token_ids=[2])
+    assert c.push(7, "xa") == ("x", None)
+    assert c.is_stop_token(9)
+    assert c.push(9, "é") == ("aé", "stop") and c.stop_reason == 9 and c.text == "xaé"
+
+
+def test_is_stop_token_respects_min_tokens_and_ignore_eos():
+    c = StopChecker(SamplingParams(min_tokens=2, max_tokens=10, stop_token_ids=[9]), eos_token_ids=[2])
+    assert not c.is_stop_token(2) and not c.is_stop_token(9)  # the first token may not stop
+    c.push(5, "a")
+    assert c.is_stop_token(2) and c.is_stop_token(9)
+    c = StopChecker(SamplingParams(ignore_eos=True, stop_token_ids=[9]), eos_token_ids=[2])
+    assert not c.is_stop_token(2) and c.is_stop_token(9)
 
 
 def test_min_tokens_suppresses_eos_and_stop():
@@ -508,7 +523,7 @@ def test_max_tokens_and_context_limit_give_length():
 def test_stop_token_ids():
     c = StopChecker(SamplingParams(stop_token_ids=[7, 8]), eos_token_ids=[2])
     assert c.push(1, "x") == ("x", None)
-    assert c.push(8, "<|im_end|>") == ("", "stop")
+    assert c.push(8, "") == ("", "stop")  # callers pass no text for a stop token (is_stop_token)
     assert c.stop_reason == 8 and c.text == "x"
 
 
