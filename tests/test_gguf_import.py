@@ -450,6 +450,23 @@ def test_unsupported_tensor_type(sp_model: Path, tmp_path: Path) -> None:
     _assert_nothing_written(tmp_path / "out")
 
 
+def test_tensor_the_gguf_library_cannot_decode(tiny, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A supported type whose bytes gguf's dequantizer still rejects: a CheckpointError naming the tensor."""
+    path = tiny[0]
+    real = gguf.quants.dequantize
+
+    def dequantize(data, qtype):
+        if qtype == Q.Q4_K:
+            raise NotImplementedError("no Q4_K kernel in this gguf build")
+        return real(data, qtype)
+
+    monkeypatch.setattr(gguf.quants, "dequantize", dequantize)
+    with pytest.raises(CheckpointError, match=r"cannot dequantize tensor '[\w.]+' \(Q4_K\): no Q4_K kernel") as e:
+        convert_gguf(path, tmp_path / "out", progress=False)
+    assert str(path) in str(e.value)
+    _assert_nothing_written(tmp_path / "out")
+
+
 def test_unsupported_vocab_type(sp_model: Path, tmp_path: Path) -> None:
     path = tmp_path / "bert.gguf"
     write_tiny_gguf(path, _pieces(sp_model), tokenizer_model="bert")
