@@ -139,6 +139,8 @@ class LLMEngine:
 
     def _collect_prefill_matrices(self, captures: dict[int, CaptureSink]) -> None:
         """Keep each prompt chunk's attention matrices until the prompt's last chunk has run."""
+        if not any(sink.matrices for sink in captures.values()):
+            return  # the usual step: nobody asked for a prefill matrix
         by_id = {r.seq.seq_id: r for r in self.requests.values()}
         for seq_id, sink in captures.items():
             req = by_id.get(seq_id)
