@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test bench clean
+.PHONY: setup serve test bench bench-peers clean
 
 setup: $(VENV)/.installed $(MODEL)/config.json
 
@@ -31,6 +31,12 @@ test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: setup
+	$(BIN)/python bench/decode.py
+
+# llama.cpp as a peer for bench/decode.py: a source build (about 10 minutes on 2 cores); never part of `make test`.
+LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
+bench-peers: setup
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || $(BIN)/python -m pip install --no-deps $(LLAMA_CPP_PYTHON)
 	$(BIN)/python bench/decode.py
 
 clean:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +40,20 @@ def machine() -> dict:
         "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
+
+
+# Torch's OpenMP threads collapse when anything else runs on the cores: figures taken above this are wrong.
+QUIET_LOAD = 0.5
+
+
+def load_average() -> float:
+    """The 1-minute load average, with a loud warning when the machine is too busy to time anything."""
+    load = os.getloadavg()[0]
+    if load > QUIET_LOAD:
+        bar = "!" * 78
+        print(f"{bar}\nWARNING: load average {load:.2f} > {QUIET_LOAD}: something else is running; "
+              f"these figures are not trustworthy\n{bar}", file=sys.stderr, flush=True)
+    return load
 
 
 def read_bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 5) -> float:

@@ -1,8 +1,11 @@
-"""Batch-1 greedy decode: 32-token prompt, 128 new tokens, kvmini vs transformers `generate`, same run.
+"""Batch-1 greedy decode, decode only: kvmini (bfloat16, float32, int8, int4) against its peers, same run.
 
-Prints tokens/s for both (median of --repeats runs, the two engines alternating run by run), the ratio,
-and the fraction of the memory-bandwidth bound (a decode step must read every weight once: bound =
-measured read bandwidth / weight bytes). Writes bench/results/decode.json with every run's figure.
+Peers: transformers `generate` (bfloat16, float32) and, when `llama_cpp` is importable (`make bench-peers`),
+llama.cpp on the default GGUF requantised by llama.cpp's own quantizer to F16, Q8_0 and Q4_0. Every engine
+decodes the same 32-token prompt for 128 new tokens; decode speed is (tokens - 1) / (last token time - first
+token time), so prefill is excluded. Engines alternate run by run (--repeats runs each, median reported).
+Ratios are taken at the same bit width (bfloat16 : F16, int8 : Q8_0, int4 : Q4_0). The bandwidth bound is
+the measured read bandwidth / the weight bytes a token streams. Writes bench/results/decode.json.
 """
 
 from __future__ import annotations
@@ -10,96 +13,175 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import DEFAULT_MODEL, english_text, machine, print_table, read_bandwidth_gbs, timed, write_json  # noqa: E402
+from bench.common import (  # noqa: E402
+    DEFAULT_MODEL, english_text, load_average, machine, print_table, read_bandwidth_gbs, write_json,
+)
 from engine import LLM, SamplingParams  # noqa: E402
+from engine.config import ModelConfig  # noqa: E402
+from engine.quant import weight_bytes_per_token  # noqa: E402
+
+# An engine run: returns the arrival time of every generated token.
+Runner = Callable[[], list[float]]
+KVMINI_VARIANTS = {"bfloat16": ("bfloat16", None), "float32": ("float32", None),
+                   "int8": ("bfloat16", "int8"), "int4": ("bfloat16", "int4")}
+LLAMA_CPP_TYPES = {"F16": 1, "Q8_0": 7, "Q4_0": 2}  # llama_ftype values
+SAME_WIDTH = {"kvmini bfloat16": "llama.cpp F16", "kvmini int8": "llama.cpp Q8_0", "kvmini int4": "llama.cpp Q4_0"}
 
 
-def kvmini_runner(model_dir: Path, dtype: str, prompt: list[int], new_tokens: int) -> Callable[[], object]:
-    llm = LLM(model_dir, dtype=dtype)
-    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+def kvmini_runner(model_dir: Path, dtype: str, quantization: str | None, prompt: list[int], n: int) -> Runner:
+    llm = LLM(model_dir, dtype=dtype, quantization=quantization)
+    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
     llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))  # warm up
-    return lambda: llm.generate(prompt, params)
+    return lambda: [time.perf_counter() for _ in llm.stream(prompt, params)]
 
 
-def transformers_runner(model_dir: Path, dtype: str, prompt: list[int], new_tokens: int) -> Callable[[], object]:
+def transformers_runner(model_dir: Path, dtype: str, prompt: list[int], n: int) -> Runner:
     from transformers import AutoModelForCausalLM
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.times: list[float] = []
+            self.prompt_seen = False
+
+        def put(self, value):
+            if self.prompt_seen:
+                self.times.append(time.perf_counter())
+            self.prompt_seen = True
+
+        def end(self):
+            pass
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     model.generation_config.eos_token_id = None  # fixed length, like ignore_eos
     ids = torch.tensor([prompt])
 
-    def run(n: int):
+    def run(tokens: int) -> list[float]:
+        clock = Clock()
         with torch.inference_mode():
-            model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=0)
+            model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=0, streamer=clock)
+        return clock.times
 
     run(8)  # warm up
-    return lambda: run(new_tokens)
+    return lambda: run(n)
 
 
-def interleaved_tokens_per_s(runs: dict[str, Callable[[], object]], new_tokens: int, repeats: int) -> dict:
-    """Alternate the engines run by run, so slow phases of a shared machine hit both alike."""
-    seconds: dict[str, list[float]] = {name: [] for name in runs}
+def llama_cpp_runners(gguf: Path, workdir: Path, prompt: list[int], n: int) -> tuple[dict[str, Runner], dict]:
+    """One runner per requantised file, and each file's size (what a llama.cpp decode step streams)."""
+    import llama_cpp
+
+    runners, sizes = {}, {}
+    for name, ftype in LLAMA_CPP_TYPES.items():
+        out = workdir / f"smollm2-{name}.gguf"
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.allow_requantize, params.nthread = ftype, True, torch.get_num_threads()
+        if llama_cpp.llama_model_quantize(str(gguf).encode(), str(out).encode(), params) != 0:
+            raise RuntimeError(f"llama.cpp could not quantize {gguf} to {name}")
+        llm = llama_cpp.Llama(str(out), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False)
+
+        def run(llm=llm, tokens=n) -> list[float]:
+            llm.reset()
+            times = []
+            for _ in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, reset=True):
+                times.append(time.perf_counter())
+                if len(times) == tokens:
+                    break
+            return times
+
+        run(tokens=8)  # warm up
+        runners[f"llama.cpp {name}"] = run
+        sizes[f"llama.cpp {name}"] = out.stat().st_size
+    return runners, sizes
+
+
+def decode_tokens_per_s(times: list[float]) -> float:
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
+def interleaved(runs: dict[str, Runner], repeats: int) -> dict[str, list[float]]:
+    """Alternate the engines run by run, so slow phases of a shared machine hit all of them alike."""
+    speeds: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
-            seconds[name].append(timed(run))
-    return {name: sorted(new_tokens / t for t in ts) for name, ts in seconds.items()}
+            speeds[name].append(decode_tokens_per_s(run()))
+    return {name: sorted(v) for name, v in speeds.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--kvmini", nargs="+", default=list(KVMINI_VARIANTS), choices=list(KVMINI_VARIANTS))
+    ap.add_argument("--transformers", nargs="*", default=["bfloat16", "float32"])
+    ap.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even when it is installed")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per engine (median reported)")
     args = ap.parse_args()
 
-    from engine.config import ModelConfig
+    from engine.gguf_import import default_gguf_path
     from engine.tokenizer import Tokenizer
 
+    load = load_average()
     config = ModelConfig.from_dir(args.model)
     prompt = Tokenizer.from_dir(args.model).encode(english_text())[: args.prompt_tokens]
     bandwidth = read_bandwidth_gbs()
-    rows, results = [], []
-    for dtype in args.dtypes:
-        weight_bytes = config.num_parameters() * torch.empty((), dtype=getattr(torch, dtype)).element_size()
-        bound = bandwidth * 1e9 / weight_bytes
-        runs = {
-            "kvmini": kvmini_runner(args.model, dtype, prompt, args.new_tokens),
-            "transformers": transformers_runner(args.model, dtype, prompt, args.new_tokens),
-        }
-        speeds = interleaved_tokens_per_s(runs, args.new_tokens, args.repeats)
-        ours, ref = statistics.median(speeds["kvmini"]), statistics.median(speeds["transformers"])
-        del runs  # free this dtype's models before the next
-        results.append(
-            {
-                "dtype": dtype,
-                "kvmini_tokens_per_s": ours,
-                "transformers_tokens_per_s": ref,
-                "ratio": ours / ref,
-                "kvmini_runs_tokens_per_s": speeds["kvmini"],
-                "transformers_runs_tokens_per_s": speeds["transformers"],
-                "bandwidth_bound_tokens_per_s": bound,
-                "kvmini_fraction_of_bound": ours / bound,
-                "transformers_fraction_of_bound": ref / bound,
-                "weight_bytes": weight_bytes,
-            }
-        )
-        rows.append([dtype, ours, ref, ours / ref, bound, ours / bound])
-    print(f"read bandwidth {bandwidth:.1f} GB/s; prompt {args.prompt_tokens} tokens, {args.new_tokens} new, batch 1")
-    print_table(["dtype", "kvmini tok/s", "HF tok/s", "ratio", "bound tok/s", "kvmini/bound"], rows)
+    runs: dict[str, Runner] = {}
+    weight_bytes: dict[str, int] = {}
+    for variant in args.kvmini:
+        dtype, quantization = KVMINI_VARIANTS[variant]
+        runs[f"kvmini {variant}"] = kvmini_runner(args.model, dtype, quantization, prompt, args.new_tokens)
+        weight_bytes[f"kvmini {variant}"] = weight_bytes_per_token(config, quantization, 4 if dtype == "float32" else 2)
+    for dtype in args.transformers:
+        runs[f"transformers {dtype}"] = transformers_runner(args.model, dtype, prompt, args.new_tokens)
+        weight_bytes[f"transformers {dtype}"] = weight_bytes_per_token(config, None, 4 if dtype == "float32" else 2)
+    workdir = tempfile.TemporaryDirectory()
+    llama_cpp_note = "skipped (--no-llama-cpp)" if args.no_llama_cpp else None
+    if not args.no_llama_cpp:
+        try:
+            peer_runs, sizes = llama_cpp_runners(default_gguf_path(), Path(workdir.name), prompt, args.new_tokens)
+            runs.update(peer_runs)
+            weight_bytes.update(sizes)
+        except ImportError:
+            llama_cpp_note = "llama_cpp is not installed (make bench-peers installs it)"
+    speeds = interleaved(runs, args.repeats)
+    median = {name: statistics.median(v) for name, v in speeds.items()}
+    results = []
+    for name, value in median.items():
+        bound = bandwidth * 1e9 / weight_bytes[name]
+        peer = SAME_WIDTH.get(name)
+        ratio = value / median[peer] if peer in median else None
+        results.append({"engine": name, "tokens_per_s": value, "runs_tokens_per_s": speeds[name],
+                        "weight_bytes_per_token": weight_bytes[name], "bandwidth_bound_tokens_per_s": bound,
+                        "fraction_of_bound": value / bound, "same_width_peer": peer if ratio else None,
+                        "ratio_to_peer": ratio})
+    rows = [[r["engine"], r["tokens_per_s"], f"{r['ratio_to_peer']:.2f}x {r['same_width_peer']}"
+             if r["ratio_to_peer"] else "", r["weight_bytes_per_token"] / 1e6, r["fraction_of_bound"]]
+            for r in results]
+    hf = median.get("transformers bfloat16")
+    print(f"load average {load:.2f}; read bandwidth {bandwidth:.1f} GB/s; prompt {args.prompt_tokens} tokens, "
+          f"{args.new_tokens} new, batch 1, decode only")
+    if llama_cpp_note:
+        print(f"llama.cpp: {llama_cpp_note}")
+    print_table(["engine", "tok/s", "vs same width", "weight MB/token", "of bound"], rows)
+    if hf:
+        print("vs transformers bfloat16: " + ", ".join(f"{n} {v / hf:.2f}x" for n, v in median.items()
+                                                       if n.startswith("kvmini")))
     payload = {
         "benchmark": "decode",
-        "model": str(args.model.name),
+        "model": args.model.name,
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens,
+        "load_average_1m": load,
         "read_bandwidth_gbs": bandwidth,
+        "llama_cpp": llama_cpp_note or "measured",
         "machine": machine(),
         "results": results,
     }

@@ -76,10 +76,29 @@ def _parser() -> argparse.ArgumentParser:
 PLUGIN_MODULES = ("engine.inspect.cli", "engine.kv_memory.cli")
 
 
+# The fastest precision whose quality holds on the default model (README "Performance", docs/PERFORMANCE.md).
+DEFAULT_DTYPE = "bfloat16"
+DEFAULT_QUANTIZATION = "int8"
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="HF-format model directory")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=["float32", "bfloat16", "float16"],
+                   help=f"activations (and dense weights) (default: {DEFAULT_DTYPE})")
+    p.add_argument("--quantization", default=DEFAULT_QUANTIZATION, metavar="{none,int8,int4}",
+                   help=f"weight-only quantization of the linear layers and output head, CPU only "
+                        f"(default: {DEFAULT_QUANTIZATION}; 'none' keeps dense weights)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for the engine (default: one per physical core)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+
+
+def load_llm(args: argparse.Namespace, **engine_options):
+    """The `LLM` the model options of `generate` and `serve` ask for (bad values raise ValueError)."""
+    from engine.llm import LLM
+
+    return LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
+               threads=args.threads, **engine_options)
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -93,6 +112,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     from engine.config import ModelConfig
+    from engine.quant import weight_bytes_per_token
 
     c = ModelConfig.from_dir(args.model)
     print(f"model: {args.model}")
@@ -103,11 +123,13 @@ def _info(args: argparse.Namespace) -> int:
           f"(group size {c.group_size}), head_dim {c.head_dim}")
     for name, nbytes in (("float32", 4), ("bfloat16/float16", 2)):
         print(f"KV cache per token ({name}): {c.kv_bytes_per_token(nbytes):,} bytes")
+    for name, quantization, nbytes in (("float32", None, 4), ("bfloat16", None, 2), ("int8", "int8", 2),
+                                       ("int4", "int4", 2)):
+        print(f"weights read per decoded token ({name}): {weight_bytes_per_token(c, quantization, nbytes):,} bytes")
     return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from engine.llm import LLM
     from engine.sampling import SamplingParams
 
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
@@ -115,7 +137,7 @@ def _generate(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         repetition_penalty=args.repetition_penalty, seed=args.seed, max_tokens=args.max_tokens, stop=args.stop,
     )
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    llm = load_llm(args)
     if args.chat:
         prompt = llm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
     for delta in llm.stream(prompt, params):

@@ -30,6 +30,7 @@ class Request:
     detokenizer: IncrementalDetokenizer
     stop: StopChecker
     logprobs: list[TokenLogprob] | None
+    prompt_token_ids: list[int]  # handed to every RequestOutput (one list, never copied per step)
     prefill_chunks: list[dict[int, torch.Tensor]] = field(default_factory=list)  # prompt matrices, per chunk
 
 
@@ -81,6 +82,7 @@ class LLMEngine:
             IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens),
             StopChecker(params, self.eos_token_ids, self.max_seq_len, prompt_len=len(ids)),
             [] if params.logprobs is not None else None,
+            list(ids),
         )
         self.scheduler.add(seq)
         return request_id
@@ -153,12 +155,14 @@ class LLMEngine:
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
         seqs = [r.seq for r in reqs]
+        # Token histories are copied only when a penalty reads them (the sampler reads no other).
+        penalties = any(s.params.has_penalties for s in seqs)
         return self.sampler.sample(
             logits,
             [s.params for s in seqs],
             [s.generator for s in seqs],
-            prompt_token_ids=[s.token_ids[: s.num_prompt_tokens] for s in seqs],
-            output_token_ids=[s.output_ids for s in seqs],
+            prompt_token_ids=[r.prompt_token_ids for r in reqs] if penalties else None,
+            output_token_ids=[s.output_ids for s in seqs] if penalties else None,
             banned_token_ids=[r.stop.banned_token_ids() or None for r in reqs],
         )
 
@@ -195,8 +199,9 @@ class LLMEngine:
         seq = req.seq
         return RequestOutput(
             request_id=req.request_id,
-            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
-            token_ids=list(seq.output_ids),
+            prompt_token_ids=req.prompt_token_ids,
+            num_output_tokens=seq.num_tokens - seq.num_prompt_tokens,
+            all_token_ids=seq.token_ids,
             text=req.stop.text,
             new_token_ids=new_ids,
             new_text=new_text,

@@ -16,6 +16,7 @@ from engine.kv_cache import BlockManager, CacheConfig, KVCache
 from engine.model import build_model
 from engine.engine import LLMEngine
 from engine.outputs import RequestOutput
+from engine.quant import parse_quantization
 from engine.runner import ModelRunner
 from engine.sampling import SamplingParams
 from engine.scheduler import SchedulerConfig
@@ -38,6 +39,15 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[key]
 
 
+def set_threads(threads: int | None) -> None:
+    """torch's intra-op thread count for this process; None keeps torch's default (one per physical core)."""
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a whole number >= 1, got {threads!r}")
+    torch.set_num_threads(threads)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything that shapes an engine besides the checkpoint."""
@@ -49,6 +59,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None  # default: the checkpoint's max_position_embeddings
     pack_weights: bool = True  # CPU float32/bfloat16: oneDNN-packed linear layers (engine/packed_linear.py)
+    quantization: str | None = None  # "int8" | "int4" weight-only linear layers (engine/quant.py)
 
 
 class LLM:
@@ -68,7 +79,10 @@ class LLM:
         max_num_batched_tokens: int = 512,
         max_model_len: int | None = None,
         pack_weights: bool = True,
+        quantization: str | None = None,
+        threads: int | None = None,
     ):
+        set_threads(threads)
         self.model_dir = Path(model)
         self.config = ModelConfig.from_dir(self.model_dir)
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
@@ -80,10 +94,11 @@ class LLM:
             max_num_batched_tokens=max_num_batched_tokens,
             max_model_len=max_model_len,
             pack_weights=pack_weights,
+            quantization=parse_quantization(quantization, device),
         )
         ec = self.engine_config
         tensors = load_weights(self.model_dir, self.config, ec.dtype)
-        self.model = build_model(self.config, tensors, ec.dtype, ec.device, ec.pack_weights)
+        self.model = build_model(self.config, tensors, ec.dtype, ec.device, ec.pack_weights, ec.quantization)
         del tensors
         self.kv_cache = KVCache(self.config, ec.cache, ec.dtype, ec.device)
         self.blocks = BlockManager(self.kv_cache, ec.cache.enable_prefix_caching)

@@ -55,11 +55,14 @@ class AttentionRows:
 
 @dataclass
 class RequestOutput:
-    """A request's state after a step: everything so far plus what this step added."""
+    """A request's state after a step: everything so far plus what this step added.
+
+    Building one costs the same at any length: `prompt_token_ids` is the request's own list (read it,
+    do not change it), and `token_ids` is sliced from the sequence only when it is read."""
 
     request_id: str
     prompt_token_ids: list[int]
-    token_ids: list[int] = field(default_factory=list)
+    num_output_tokens: int = 0  # generated tokens so far (len(token_ids), without building the list)
     text: str = ""
     new_token_ids: list[int] = field(default_factory=list)
     new_text: str = ""
@@ -69,6 +72,13 @@ class RequestOutput:
     new_logprobs: list[TokenLogprob] | None = None
     attention: list[AttentionRows] | None = None  # this step's rows, when captured
     num_cached_prompt_tokens: int = 0  # prompt tokens reused from the prefix cache
+    all_token_ids: list[int] = field(default_factory=list, repr=False)  # the sequence's list (prompt + output)
+
+    @property
+    def token_ids(self) -> list[int]:
+        """Every token generated so far (a new list on each read)."""
+        start = len(self.prompt_token_ids)
+        return self.all_token_ids[start : start + self.num_output_tokens]
 
     @property
     def finished(self) -> bool:

@@ -52,7 +52,3 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
-
-def pack_linear(linear: nn.Linear) -> PackedLinear:
-    return PackedLinear(linear.weight, linear.bias)

@@ -53,7 +53,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, work: list[ScheduledSeq]) -> ForwardOutput:
-        """One forward pass over all scheduled work; commits the new tokens to each block table."""
+        """One forward pass over all scheduled work; commits the new tokens to each block table.
+
+        The caller (scheduler or session) has reserved the blocks: one reservation per sequence per step."""
         # Decode rows sorted by context length, so that rows of similar length share one padded batch.
         decode = sorted((w for w in work if w.is_decode), key=lambda w: w.seq.num_tokens)
         prefill = [w for w in work if not w.is_decode]
@@ -61,7 +63,6 @@ class ModelRunner:
         ids, positions, slots = [], [], []
         for w in ordered:
             s, start = w.seq, w.seq.num_computed
-            self.blocks.reserve(s.block_table, start + w.num_tokens)
             ids += s.token_ids[start : start + w.num_tokens]
             positions += range(start, start + w.num_tokens)
             slots += self.blocks.slots(s.block_table, start, start + w.num_tokens)
@@ -73,7 +74,9 @@ class ModelRunner:
             decode=self._decode_batches(decode, captures),
             prefills=self._prefill_segments(prefill, len(decode), captures),
         )
-        hidden = self.model(self._tensor(ids), self._tensor(positions), meta, self.kv_cache.k, self.kv_cache.v)
+        hidden = self.model(
+            self._tensor(ids), self._tensor(positions), meta, self.kv_cache.k, self.kv_cache.v, max(positions)
+        )
         rows, sampled, row = [], [], 0
         for w in ordered:
             row += w.num_tokens
@@ -130,5 +133,5 @@ class ModelRunner:
         n = len(token_ids)
         meta = AttentionMetadata(slot_mapping=None, decode=[], prefills=[PrefillSegment(0, n, None)])
         ids = self._tensor(token_ids)
-        hidden = self.model(ids, torch.arange(n, device=self.device), meta, None, None)
+        hidden = self.model(ids, torch.arange(n, device=self.device), meta, None, None, n - 1)
         return self.model.compute_logits(hidden)

@@ -166,6 +166,7 @@ class Session:
         seq = self.seq
         seq.token_ids += extra
         try:
+            self.runner.blocks.reserve(seq.block_table, seq.num_tokens)
             out = self.runner.run([ScheduledSeq(seq, seq.num_tokens - seq.num_computed, num_logits)])
         except BaseException:
             del seq.token_ids[len(seq.token_ids) - len(extra) :]

@@ -26,7 +26,7 @@ def serve(args: argparse.Namespace) -> int:
     extras: max_waiting_requests, served_model_name, log_level."""
     import uvicorn
 
-    from engine.llm import LLM
+    from engine.cli import load_llm
     from server.app import create_app
     from server.settings import ServerSettings
 
@@ -39,10 +39,8 @@ def serve(args: argparse.Namespace) -> int:
     kv_bytes = args.kv_cache_memory
     if isinstance(kv_bytes, str):
         kv_bytes = parse_size(kv_bytes)
-    llm = LLM(
-        args.model,
-        dtype=args.dtype,
-        device=getattr(args, "device", "cpu"),
+    llm = load_llm(
+        args,
         kv_cache_memory=kv_bytes,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,

@@ -1,14 +1,17 @@
 """The one loop that drives `LLMEngine` for the server.
 
 Threading model: the engine is not thread-safe, so *every* engine call (add_request, step, abort,
-stats) runs on one dedicated worker thread (a single-thread executor). The asyncio side never
-touches the engine; it reads a `stats()` snapshot the worker refreshes after each call.
+stats) runs on one dedicated engine thread. That thread steps back to back while there is work, as
+vLLM's engine core does, and never waits for the event loop: the event loop posts commands (add,
+abort) to a queue the thread drains between steps, and the thread hands each step's outputs to the
+event loop in one `call_soon_threadsafe`. The asyncio side never touches the engine; it reads a
+`stats()` snapshot the thread refreshes after each call.
 
-    HTTP handler --submit()--> [worker: add_request x n] --> RequestGroup (one asyncio.Queue)
-    EngineLoop._run: while requests are unfinished: [worker: step()] -> dispatch each RequestOutput
-                     to its group's queue (metrics: tokens, TTFT, inter-token latency)
+    HTTP handler --submit()--> [command: add_request x n] --> RequestGroup (one asyncio.Queue)
+    engine thread: while requests are unfinished: commands, step() -> event loop: dispatch each
+                   RequestOutput to its group's queue (metrics: tokens, TTFT, inter-token latency)
     handler reads group.next() ... finally group.close(): unfinished members are aborted on the
-                     worker at once (client gone, error, cancellation), returning their KV blocks.
+                   engine thread before its next step (client gone, error, cancellation).
 
 If `step()` raises, the loop logs it, aborts the requests the failed step was running (their state
 may be half-updated), hands each of their groups an error event, and keeps serving the others.
@@ -19,11 +22,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import queue
+import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any
 
 from engine.attention import AttentionCapture
@@ -110,33 +115,27 @@ class EngineLoop:
         self.engine = llm.engine
         self.metrics = metrics
         self.max_waiting_requests = max_waiting_requests
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvmini-engine")
+        self._commands: queue.SimpleQueue[Command | None] = queue.SimpleQueue()  # None = stop
+        self._thread = threading.Thread(target=self._run, name="kvmini-engine", daemon=True)
         self._members: dict[str, tuple[RequestGroup, Member]] = {}
         self._stats: dict[str, float] = self.engine.stats()
-        self._pending = 0  # requests handed to the worker for add_request, not added yet
+        self._pending = 0  # requests handed to the engine thread for add_request, not added yet
         self._prefix = uuid.uuid4().hex[:8]
         self._ids = itertools.count()
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
-        self._aborts: set[asyncio.Future] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
-        self._wake = asyncio.Event()
-        self._task = asyncio.create_task(self._run(), name="kvmini-engine-loop")
+        self._loop = asyncio.get_running_loop()
+        self._thread.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
         for group, member in list(self._members.values()):
             group.queue.put_nowait(("error", member, "the server is shutting down"))  # ends its stream
             group.close()  # queues an abort for each of this loop's unfinished requests
         self._members.clear()
-        await asyncio.to_thread(self.executor.shutdown, True)  # the running step and queued aborts finish first
+        self._commands.put(None)  # after the queued aborts: the thread runs them, then exits
+        await asyncio.to_thread(self._thread.join)
 
     # ---- what handlers use ------------------------------------------------------------------------
     @property
@@ -168,7 +167,7 @@ class EngineLoop:
             specs.append((rid, sub))
         self._pending += len(subs)
         try:
-            await self._call(self._add_all, specs)
+            await asyncio.wrap_future(self._post(self._add_all, specs))
         except (ValueError, CacheFullError) as e:
             for m in group.members:
                 self._members.pop(m.request_id, None)
@@ -180,41 +179,20 @@ class EngineLoop:
         finally:
             self._pending -= len(subs)
         self.metrics.prompt_tokens += sum(len(s.prompt_token_ids) for s in subs)
-        self._wake.set()
         return group
 
     def run_sync(self, fn: Callable[[], Any]) -> Any:
-        """Run `fn()` on the engine thread, serialised with steps; call from a thread that is *not* the
-        event loop's (tests use it to drive the same LLM directly while the server is idle: `fn` must not
-        step the engine while server requests are in flight, or their outputs go to `fn` instead)."""
-        return self.executor.submit(fn).result()
+        """Run `fn()` on the engine thread between steps; call from a thread that is *not* the event
+        loop's (tests use it to drive the same LLM directly while the server is idle: `fn` must not step
+        the engine while server requests are in flight, or their outputs go to `fn` instead)."""
+        return self._post(fn).result()
 
-    # ---- the loop ---------------------------------------------------------------------------------
-    async def _run(self) -> None:
-        assert self._wake is not None
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            outputs: list[RequestOutput] = []
-            unfinished = False
-            try:
-                try:
-                    outputs, unfinished = await self._call(self._step)
-                except Exception as e:  # the engine failed: fail what it was running, keep serving
-                    log.exception("engine step failed")
-                    failed, unfinished = await self._call(self._fail_running)
-                    message = f"the engine failed while running this request: {type(e).__name__}: {e}"
-                    self._deliver_errors(failed, message)
-                else:
-                    self._dispatch(outputs)
-            except Exception:  # a bug in the loop itself must not stop serving
-                log.exception("engine loop iteration failed")
-                unfinished = True
-                await asyncio.sleep(0.1)
-            if unfinished:
-                self._wake.set()
-                if not outputs:
-                    await asyncio.sleep(IDLE_RETRY_S)
+    # ---- the event loop's side --------------------------------------------------------------------
+    def _post(self, fn: Callable, *args) -> Future:
+        """Queue `fn(*args)` for the engine thread, which runs it before its next step."""
+        command = Command(fn, args)
+        self._commands.put(command)
+        return command.future
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         now = time.monotonic()
@@ -252,17 +230,47 @@ class EngineLoop:
         if self._members.pop(request_id, None) is None:
             return
         self.metrics.requests[outcome] += 1
-        try:
-            fut = asyncio.get_running_loop().run_in_executor(self.executor, self._abort, request_id)
-        except RuntimeError:  # no running loop / executor shut down: the engine is going away anyway
-            return
-        self._aborts.add(fut)
-        fut.add_done_callback(self._aborts.discard)
-
-    async def _call(self, fn: Callable, *args) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        self._post(self._abort, request_id)
 
     # ---- on the engine thread only ----------------------------------------------------------------
+    def _run(self) -> None:
+        """The engine's own loop: steps back to back while there is work, never waiting on the event loop.
+
+        Between steps it runs the queued commands (add, abort, run_sync); with nothing to run it sleeps
+        on the command queue. Outputs go to the event loop in one callback per step."""
+        while True:
+            idle = not self.engine.has_unfinished()
+            if not self._run_commands(block=idle):
+                return
+            if not self.engine.has_unfinished():
+                continue
+            try:
+                outputs = self._step()
+            except Exception as e:  # the engine failed: fail what it was running, keep serving
+                log.exception("engine step failed")
+                failed = self._fail_running()
+                message = f"the engine failed while running this request: {type(e).__name__}: {e}"
+                self._loop.call_soon_threadsafe(self._deliver_errors, failed, message)
+                continue
+            if outputs:
+                self._loop.call_soon_threadsafe(self._dispatch, outputs)
+            elif not self.engine.scheduler.running:
+                time.sleep(IDLE_RETRY_S)  # every request waits for free blocks: let aborts come in
+
+    def _run_commands(self, block: bool) -> bool:
+        """Run every queued command (waiting for one first when `block`); False once told to stop."""
+        try:
+            command = self._commands.get() if block else self._commands.get_nowait()
+        except queue.Empty:
+            return True
+        while command is not None:
+            command.run()
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return True
+        return False
+
     def _add_all(self, specs: list[tuple[str, Submission]]) -> None:
         added = []
         try:
@@ -276,9 +284,9 @@ class EngineLoop:
         finally:
             self._stats = self.engine.stats()
 
-    def _step(self) -> tuple[list[RequestOutput], bool]:
+    def _step(self) -> list[RequestOutput]:
         try:
-            return self.engine.step(), self.engine.has_unfinished()
+            return self.engine.step()
         finally:
             self._stats = self.engine.stats()
 
@@ -289,7 +297,7 @@ class EngineLoop:
             log.exception("abort of %s failed", request_id)
         self._stats = self.engine.stats()
 
-    def _fail_running(self) -> tuple[list[str], bool]:
+    def _fail_running(self) -> list[str]:
         """After a failed step: abort the requests it was running (all of them if that is unclear)."""
         engine = self.engine
         try:
@@ -300,11 +308,24 @@ class EngineLoop:
         rids = rids or list(engine.requests)
         for rid in rids:
             self._abort(rid)
+        return rids
+
+
+@dataclass(eq=False)
+class Command:
+    """A call for the engine thread and the future that receives its result."""
+
+    fn: Callable
+    args: tuple
+    future: Future = field(default_factory=Future)
+
+    def run(self) -> None:
+        if not self.future.set_running_or_notify_cancel():
+            return
         try:
-            unfinished = bool(engine.requests) and engine.has_unfinished()
-        except Exception:
-            unfinished = False
-        return rids, unfinished
+            self.future.set_result(self.fn(*self.args))
+        except BaseException as e:  # handed to whoever waits on the future
+            self.future.set_exception(e)
 
 
 def _add_error(e: Exception, prompt_param: str) -> APIError:

@@ -101,7 +101,7 @@ async def generate(body: GenerateRequest, request: Request):
         if want_top:
             ev["top_logprobs"] = [{"token_id": t, "token": tokenizer.decode([t]), "logprob": finite(v)}
                                   for t, v in (lp.top if lp is not None else [])]
-        ev["position"] = len(out.prompt_token_ids) + len(out.token_ids) - 1
+        ev["position"] = len(out.prompt_token_ids) + out.num_output_tokens - 1
         if out.attention:
             ev["attention"] = attention_json(out.attention[0], out.prompt_token_ids + out.token_ids, top_k)
         return ev

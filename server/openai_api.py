@@ -35,7 +35,7 @@ class Choice:
     """What one choice has produced so far."""
 
     text: str = ""
-    token_ids: list[int] = field(default_factory=list)
+    num_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)  # completions' text_offset of each token
     finish_reason: str | None = None
@@ -45,13 +45,13 @@ class Choice:
             self.logprobs.append(lp)
             self.offsets.append(len(self.text))
         self.text += out.new_text
-        self.token_ids = out.token_ids
+        self.num_tokens = out.num_output_tokens
         if out.finished:
             self.finish_reason = out.finish_reason
 
 
 def _usage(num_prompt: int, choices: list[Choice]) -> dict:
-    completion = sum(len(c.token_ids) for c in choices)
+    completion = sum(c.num_tokens for c in choices)
     return {"prompt_tokens": num_prompt, "completion_tokens": completion, "total_tokens": num_prompt + completion}
 
 

@@ -1,0 +1,130 @@
+"""Weight-only quantized linear layers: int8 per output channel, int4 per group of 32 (CPU decode).
+
+A batch-1 decode step streams every weight once, so fewer weight bytes is fewer milliseconds. Weights are
+quantized once at load; activations stay in the model dtype (bfloat16 by default) and PyTorch's own
+kernels dequantize inside the matrix product (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), as
+gpt-fast and torchao do. Measurements and quality are in docs/PERFORMANCE.md.
+
+int8: symmetric, one scale per output row: `w ≈ q · s`, q in [-127, 127].
+int4: asymmetric, one scale and zero per 32 weights of a row: `w ≈ (q - 8) · s + z`, q in [0, 15]. This is
+llama.cpp's Q4_1 grid (`d · q + m`, blocks of 32 along the row), so a checkpoint imported from a Q4_1
+GGUF (the default SmolLM2) comes back on the very same grid, up to the bfloat16 rounding of the scales.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.config import ModelConfig
+
+QUANTIZATIONS = ("int8", "int4")
+INT4_GROUP_SIZE = 32
+
+
+def parse_quantization(name: str | None, device: torch.device | str = "cpu") -> str | None:
+    """The one check of a `quantization` value: None/"none" (dense weights), "int8" or "int4"."""
+    if name is None or name == "none":
+        return None
+    if name not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of none, {', '.join(QUANTIZATIONS)}; got {name!r}")
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"quantization {name!r} runs on CPU only (PyTorch's CPU kernels); use 'none' on {device}")
+    return name
+
+
+def weight_bytes_per_token(config: ModelConfig, quantization: str | None, dense_bytes: int = 2) -> int:
+    """Bytes of weights one decode step streams: every linear layer and the output head (norms and the one
+    embedding row are negligible). int8 adds a 2-byte scale per row; int4 a 2-byte scale and zero per 32
+    weights, with the head in int8 (see `build_model`)."""
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    rows = q + 2 * kv + h + 2 * i + h  # output rows of qkv, o, gate_up, down
+    linear = config.num_hidden_layers * (2 * h * q + 2 * h * kv + 3 * h * i)
+    layer_rows = config.num_hidden_layers * rows
+    if quantization is None:
+        return (linear + v * h) * dense_bytes
+    head = v * h + 2 * v  # int8 in both modes
+    if quantization == "int8":
+        return linear + 2 * layer_rows + head
+    return linear // 2 + linear // INT4_GROUP_SIZE * 4 + head
+
+
+class Int8Linear(nn.Module):
+    """`y = x (q · s)^T + b` with int8 `q` `[out, in]` and one scale per output row."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        w = weight.detach().float()
+        # The scale is rounded to the activation dtype first, so q is chosen against the scale the kernel uses.
+        self.scales = (w.abs().amax(dim=1).clamp(min=1e-10) / 127).to(act_dtype)
+        self.qweight = (w / self.scales.float().unsqueeze(1)).round_().clamp_(-127, 127).to(torch.int8)
+        self.bias = None if bias is None else bias.detach().to(act_dtype).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.qweight, self.scales)
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    __call__ = forward  # hot path: skip nn.Module's hook dispatch (these layers take no hooks)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight the kernel multiplies by (for tests and inspection)."""
+        return self.qweight.to(self.scales.dtype) * self.scales.unsqueeze(1)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int4Linear(nn.Module):
+    """`y = x W^T + b` with W as 4-bit codes, a scale and a zero per 32 weights of each row."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = n, k = weight.shape
+        if not can_int4(weight.shape):
+            raise ValueError(f"int4 needs in_features % {INT4_GROUP_SIZE} == 0 and out_features % 16 == 0, "
+                             f"got {tuple(weight.shape)}")
+        g = weight.detach().float().view(n, k // INT4_GROUP_SIZE, INT4_GROUP_SIZE)
+        low, high = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
+        scale = ((high - low) / 15).clamp(min=1e-10).to(act_dtype)
+        zero = (low + 8 * scale.float()).to(act_dtype)  # the kernel's zero is the value of code 8
+        codes = ((g - zero.float()) / scale.float() + 8).round_().clamp_(0, 15).to(torch.int32).view(n, k)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        # [groups, out, 2]: the layout the kernel reads.
+        self.scales_and_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous()
+        self.bias = None if bias is None else bias.detach().to(act_dtype).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._matmul(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    __call__ = forward
+
+    def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.packed, INT4_GROUP_SIZE, self.scales_and_zeros)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight: the kernel's own product with the identity (one code times its scale)."""
+        eye = torch.eye(self.in_features, dtype=self.scales_and_zeros.dtype)
+        return self._matmul(eye).t().contiguous()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def can_int4(shape: torch.Size | tuple[int, int]) -> bool:
+    out_features, in_features = shape
+    return in_features % INT4_GROUP_SIZE == 0 and out_features % 16 == 0
+
+
+def quantize_linear(
+    weight: torch.Tensor, bias: torch.Tensor | None, quantization: str, act_dtype: torch.dtype
+) -> nn.Module:
+    """An int8 or int4 layer for this weight; int4 falls back to int8 for a shape its kernel cannot take."""
+    if quantization == "int4" and can_int4(weight.shape):
+        return Int4Linear(weight, bias, act_dtype)
+    return Int8Linear(weight, bias, act_dtype)
