@@ -36,7 +36,7 @@ bench: setup
 # llama.cpp as a peer for bench/decode.py: a source build (about 10 minutes on 2 cores); never part of `make test`.
 LLAMA_CPP_PYTHON := llama-cpp-python==0.3.36
 bench-peers: setup
-	$(BIN)/python -c "import llama_cpp" 2>/dev/null || $(BIN)/python -m pip install --no-deps $(LLAMA_CPP_PYTHON)
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || $(BIN)/python -m pip install $(LLAMA_CPP_PYTHON)
 	$(BIN)/python bench/decode.py
 
 clean:

@@ -24,6 +24,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import DEFAULT_MODEL, english_text, load_average, machine, print_table, write_json  # noqa: E402
+from engine.cli import DEFAULT_DTYPE, DEFAULT_QUANTIZATION  # noqa: E402
 
 
 def free_port() -> int:
@@ -97,11 +98,11 @@ def concurrent_rate(url: str, prompts: list[list[int]], max_tokens: int) -> floa
     return sum(results) / (time.perf_counter() - start)
 
 
-def library_rates(model: Path, dtype: str, threads: int | None, prompt: list[int], prompts: list[list[int]],
+def library_rates(model: Path, dtype: str, quantization: str, threads: int | None, prompt: list[int], prompts: list[list[int]],
                   max_tokens: int, repeats: int) -> tuple[list[float], float]:
     from engine import LLM, SamplingParams
 
-    llm = LLM(model, dtype=dtype, threads=threads)
+    llm = LLM(model, dtype=dtype, quantization=quantization, threads=threads)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))  # warm up
     single = []
@@ -119,7 +120,8 @@ def library_rates(model: Path, dtype: str, threads: int | None, prompt: list[int
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default=DEFAULT_DTYPE)
+    ap.add_argument("--quantization", default=DEFAULT_QUANTIZATION)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: kvmini's choice)")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=256)
@@ -135,24 +137,26 @@ def main() -> None:
     corpus = Tokenizer.from_dir(args.model).encode(english_text())
     prompt = corpus[: args.prompt_tokens]
     prompts = [corpus[i * 97 : i * 97 + args.prompt_tokens] for i in range(args.concurrent)]
-    extra = ["--dtype", args.dtype, *args.server_arg]
+    extra = ["--dtype", args.dtype, "--quantization", args.quantization, *args.server_arg]
     if args.threads is not None:
         extra += ["--threads", str(args.threads)]
     with Server(args.model, extra) as server:
         stream_times(server.url, prompt, 8)  # warm up
         http_single = [decode_rate(stream_times(server.url, prompt, args.max_tokens)) for _ in range(args.repeats)]
         http_many = concurrent_rate(server.url, prompts, args.concurrent_tokens)
-    lib_single, lib_many = library_rates(args.model, args.dtype, args.threads, prompt, prompts,
+    lib_single, lib_many = library_rates(args.model, args.dtype, args.quantization, args.threads, prompt, prompts,
                                          args.concurrent_tokens, args.repeats)
     hs, ls = statistics.median(http_single), statistics.median(lib_single)
     rows = [["batch 1 streamed, decode tok/s", ls, hs, hs / ls],
             [f"{args.concurrent} streams, aggregate tok/s", lib_many, http_many, http_many / lib_many]]
-    print(f"load average {load:.2f}; {args.dtype}; prompt {args.prompt_tokens} tokens")
+    print(f"load average {load:.2f}; {args.dtype}, quantization {args.quantization}; "
+          f"threads {args.threads or 'default'}; prompt {args.prompt_tokens} tokens")
     print_table(["workload", "library", "HTTP", "HTTP / library"], rows)
     payload = {
         "benchmark": "serve",
         "model": args.model.name,
         "dtype": args.dtype,
+        "quantization": args.quantization,
         "threads": args.threads,
         "server_args": extra,
         "load_average_1m": load,

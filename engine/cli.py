@@ -78,16 +78,17 @@ PLUGIN_MODULES = ("engine.inspect.cli", "engine.kv_memory.cli")
 
 # The fastest precision whose quality holds on the default model (README "Performance", docs/PERFORMANCE.md).
 DEFAULT_DTYPE = "bfloat16"
-DEFAULT_QUANTIZATION = "int8"
+DEFAULT_QUANTIZATION = "auto"
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="HF-format model directory")
     p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=["float32", "bfloat16", "float16"],
                    help=f"activations (and dense weights) (default: {DEFAULT_DTYPE})")
-    p.add_argument("--quantization", default=DEFAULT_QUANTIZATION, metavar="{none,int8,int4}",
-                   help=f"weight-only quantization of the linear layers and output head, CPU only "
-                        f"(default: {DEFAULT_QUANTIZATION}; 'none' keeps dense weights)")
+    p.add_argument("--quantization", default=DEFAULT_QUANTIZATION, metavar="{none,int8,int4,auto}",
+                   help="weight-only quantization of the linear layers and output head, CPU only (default: "
+                        "auto = int4 where the weights already sit on a 4-bit grid, int8 elsewhere; "
+                        "'none' keeps dense weights)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for the engine (default: one per physical core)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")

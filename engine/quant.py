@@ -14,16 +14,27 @@ GGUF (the default SmolLM2) comes back on the very same grid, up to the bfloat16 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
 
-QUANTIZATIONS = ("int8", "int4")
+QUANTIZATIONS = ("int8", "int4", "auto")
 INT4_GROUP_SIZE = 32
+# "auto" keeps a layer in int4 when its weights already sit on a 4-bit grid: the mean rounding error is
+# this fraction of a grid step or less (SmolLM2's Q4_1-imported layers: 0.011 after bfloat16 rounding;
+# weights of a bfloat16 checkpoint: about 0.25, as uniform rounding gives). Other layers get int8.
+AUTO_INT4_MAX_ERROR = 0.05
+# PyTorch's weight-only kernels are matrix-vector products: their time grows with every input row (an
+# int8 gate_up takes 0.2 ms at 1 row, 2.6 ms at 64, 25 ms at 512), while dequantizing the weight once and
+# running a dense matmul costs about 2.5 ms at any row count. Above this many rows (prefill chunks, large
+# decode batches) the layers dequantize; at or below it (decode) they stream the small weights.
+QUANT_MAX_ROWS = 32
 
 
 def parse_quantization(name: str | None, device: torch.device | str = "cpu") -> str | None:
-    """The one check of a `quantization` value: None/"none" (dense weights), "int8" or "int4"."""
+    """The one check of a `quantization` value: None/"none" (dense weights), "int8", "int4" or "auto"
+    (int4 for the layers it represents without loss, int8 for the rest)."""
     if name is None or name == "none":
         return None
     if name not in QUANTIZATIONS:
@@ -63,8 +74,10 @@ class Int8Linear(nn.Module):
         self.bias = None if bias is None else bias.detach().to(act_dtype).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features), self.qweight, self.scales)
-        y = y.view(*x.shape[:-1], self.out_features)
+        x2d = x.reshape(-1, self.in_features)
+        if x2d.shape[0] > QUANT_MAX_ROWS:
+            return F.linear(x, self.weight, self.bias)
+        y = torch.ops.aten._weight_int8pack_mm(x2d, self.qweight, self.scales).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     __call__ = forward  # hot path: skip nn.Module's hook dispatch (these layers take no hooks)
@@ -91,26 +104,38 @@ class Int4Linear(nn.Module):
         low, high = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
         scale = ((high - low) / 15).clamp(min=1e-10).to(act_dtype)
         zero = (low + 8 * scale.float()).to(act_dtype)  # the kernel's zero is the value of code 8
-        codes = ((g - zero.float()) / scale.float() + 8).round_().clamp_(0, 15).to(torch.int32).view(n, k)
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        codes = ((g - zero.float()) / scale.float() + 8).round_().clamp_(0, 15).to(torch.uint8).view(n, k)
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 1)
+        # The kernel's layout is opaque, so the codes are also kept two to a byte in plain order (even
+        # column low): what `weight` dequantizes for large row counts. Together: about 1 byte per weight.
+        self.codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
+        self.scale, self.zero = scale, zero  # [out, groups, 1]
         # [groups, out, 2]: the layout the kernel reads.
         self.scales_and_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous()
         self.bias = None if bias is None else bias.detach().to(act_dtype).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._matmul(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+        x2d = x.reshape(-1, self.in_features)
+        if x2d.shape[0] > QUANT_MAX_ROWS:
+            return F.linear(x, self.weight, self.bias)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.packed, INT4_GROUP_SIZE, self.scales_and_zeros)
+        y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     __call__ = forward
 
-    def _matmul(self, x2d: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.packed, INT4_GROUP_SIZE, self.scales_and_zeros)
+    def grid_error(self, weight: torch.Tensor) -> float:
+        """Mean |dequantized - weight| in units of each group's step: ~0 when `weight` was on a 4-bit grid."""
+        n, k = weight.shape
+        error = (self.weight.float() - weight.float()).abs().view(n, k // INT4_GROUP_SIZE, INT4_GROUP_SIZE)
+        return (error / self.scale.float()).mean().item()
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dequantized weight: the kernel's own product with the identity (one code times its scale)."""
-        eye = torch.eye(self.in_features, dtype=self.scales_and_zeros.dtype)
-        return self._matmul(eye).t().contiguous()
+        """The dequantized weight `(q - 8) * scale + zero`, in the activation dtype."""
+        n, k = self.out_features, self.in_features
+        codes = torch.stack((self.codes & 15, self.codes >> 4), dim=-1).view(n, k // INT4_GROUP_SIZE, INT4_GROUP_SIZE)
+        return ((codes.to(self.scale.dtype) - 8) * self.scale + self.zero).view(n, k)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -124,7 +149,20 @@ def can_int4(shape: torch.Size | tuple[int, int]) -> bool:
 def quantize_linear(
     weight: torch.Tensor, bias: torch.Tensor | None, quantization: str, act_dtype: torch.dtype
 ) -> nn.Module:
-    """An int8 or int4 layer for this weight; int4 falls back to int8 for a shape its kernel cannot take."""
-    if quantization == "int4" and can_int4(weight.shape):
-        return Int4Linear(weight, bias, act_dtype)
+    """An int8 or int4 layer for this weight; int4 falls back to int8 for a shape its kernel cannot take,
+    and "auto" keeps int4 only where it loses nothing (`Int4Linear.grid_error`)."""
+    if quantization in ("int4", "auto") and can_int4(weight.shape):
+        layer = Int4Linear(weight, bias, act_dtype)
+        if quantization == "int4" or layer.grid_error(weight) <= AUTO_INT4_MAX_ERROR:
+            return layer
     return Int8Linear(weight, bias, act_dtype)
+
+
+def describe(model: nn.Module) -> str:
+    """How many linear layers hold which weights, e.g. "210 int4, 1 int8" (for start-up banners)."""
+    names = {Int8Linear: "int8", Int4Linear: "int4"}
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if type(module) in names:
+            counts[names[type(module)]] = counts.get(names[type(module)], 0) + 1
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items(), reverse=True)) or "dense"

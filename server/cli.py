@@ -26,7 +26,10 @@ def serve(args: argparse.Namespace) -> int:
     extras: max_waiting_requests, served_model_name, log_level."""
     import uvicorn
 
+    import torch
+
     from engine.cli import load_llm
+    from engine.quant import describe
     from server.app import create_app
     from server.settings import ServerSettings
 
@@ -49,7 +52,8 @@ def serve(args: argparse.Namespace) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host
     stats = llm.engine.stats()
     print(f"kvmini: serving {app.state.kvmini.model_name} at http://{host}:{args.port}/v1 "
-          f"({int(stats['kv_blocks_total'])} KV blocks of {llm.blocks.block_size} tokens"
-          f"{', API key required' if api_key else ''})", flush=True)
+          f"({int(stats['kv_blocks_total'])} KV blocks of {llm.blocks.block_size} tokens; "
+          f"{str(llm.engine_config.dtype).removeprefix('torch.')}, linear layers: {describe(llm.model)}; "
+          f"{torch.get_num_threads()} threads{', API key required' if api_key else ''})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=getattr(args, "log_level", "info"))
     return 0

@@ -71,10 +71,20 @@ def test_int4_falls_back_to_int8_for_shapes_its_kernel_cannot_take():
         Int4Linear(torch.randn(100, 64), None, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_auto_keeps_int4_only_where_the_weights_sit_on_a_4_bit_grid(dtype):
+    weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(3)) * 0.05
+    on_grid = Int4Linear(weight, None, torch.float32).weight  # the same weights rounded to a 4-bit grid
+    assert isinstance(quantize_linear(on_grid.to(dtype), None, "auto", dtype), Int4Linear)
+    assert isinstance(quantize_linear(weight.to(dtype), None, "auto", dtype), Int8Linear)
+    assert isinstance(quantize_linear(weight.to(dtype), None, "int4", dtype), Int4Linear)  # asked for: kept
+
+
 def test_parse_quantization():
     assert parse_quantization(None) is None and parse_quantization("none") is None
     assert parse_quantization("int8") == "int8" and parse_quantization("int4") == "int4"
-    with pytest.raises(ValueError, match=r"quantization must be one of none, int8, int4; got 'int3'"):
+    assert parse_quantization("auto") == "auto"
+    with pytest.raises(ValueError, match=r"quantization must be one of none, int8, int4, auto; got 'int3'"):
         parse_quantization("int3")
     with pytest.raises(ValueError, match="CPU only"):
         parse_quantization("int8", "cuda")
@@ -127,7 +137,7 @@ def test_cli_quantization_and_threads(capsys, tiny_dir):
         assert code == 0 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)  # the rest of the suite runs with the default
-    for argv, fragment in ((["--quantization", "int3"], "quantization must be one of none, int8, int4"),
+    for argv, fragment in ((["--quantization", "int3"], "quantization must be one of none, int8, int4, auto"),
                            (["--threads", "0"], "threads must be a whole number >= 1")):
         capsys.readouterr()
         code = main(["generate", "--model", str(tiny_dir), "--prompt", "abc", *argv])
