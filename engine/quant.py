@@ -165,4 +165,4 @@ def describe(model: nn.Module) -> str:
     for module in model.modules():
         if type(module) in names:
             counts[names[type(module)]] = counts.get(names[type(module)], 0) + 1
-    return ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items(), reverse=True)) or "dense"
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "dense"

@@ -162,3 +162,25 @@ def test_smollm2_quality_holds(smollm2_dir, kind):
     agreement = compare(quant, prompts, greedy(base, prompts, 32))
     # Measured: 0.95-0.98 of bfloat16's greedy tokens are the quantized model's argmax given the same context.
     assert agreement.forced_top1 >= 0.9, agreement
+
+
+def test_serve_passes_quantization_and_threads_to_the_engine(capsys, monkeypatch, tiny_dir):
+    import uvicorn
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+    before = torch.get_num_threads()
+    try:
+        code = main(["serve", "--model", str(tiny_dir), "--quantization", "int4", "--threads", "1", "--port", "0"])
+        assert code == 0 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    llm = served["app"].state.kvmini.llm
+    assert isinstance(llm.model.layers[0].gate_up_proj, Int4Linear) and llm.engine_config.quantization == "int4"
+    banner = capsys.readouterr().out
+    assert "linear layers: 8 int4, 1 int8" in banner and "1 threads" in banner and "bfloat16" in banner
+    served.clear()
+    code = main(["serve", "--model", str(tiny_dir), "--quantization", "fp4", "--port", "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == "kvmini: quantization must be one of none, int8, int4, auto; got 'fp4'"
+    assert served == {}  # refused before anything was served
