@@ -1,10 +1,10 @@
 """The HTTP path against the library, in one run: batch-1 streamed decode and 16 concurrent streams.
 
-Starts `kvmini serve` as a subprocess on a free loopback port (the way a user runs it), streams
-completions from it with a plain HTTP client, then stops it and runs the same workload through `LLM`
-in this process. Decode-only batch-1 speed excludes prefill: (tokens - 1) / (last token time - first
-token time). The concurrent figure is aggregate output tokens / wall time from first submit to last
-token, for both. Writes bench/results/serve.json.
+Starts `kvmini serve` as a subprocess on a free loopback port (the way a user runs it) and streams
+completions from it with a plain HTTP client; the same workload runs through `LLM` in this process,
+alternating with the HTTP runs. Decode-only batch-1 speed excludes prefill: (tokens - 1) / (last token
+time - first token time). The concurrent figure is aggregate output tokens / wall time from first
+submit to last token, for both. Writes bench/results/serve.json.
 """
 
 from __future__ import annotations
@@ -36,12 +36,13 @@ def free_port() -> int:
 class Server:
     """`kvmini serve` in a subprocess, stopped on exit."""
 
-    def __init__(self, model: Path, extra: list[str]):
+    def __init__(self, model: Path, extra: list[str], env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "engine.cli", "serve", "--model", str(model), "--port", str(self.port),
                *extra]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     env={**os.environ, **(env or {})})
 
     def __enter__(self) -> "Server":
         deadline = time.monotonic() + 300
@@ -98,23 +99,26 @@ def concurrent_rate(url: str, prompts: list[list[int]], max_tokens: int) -> floa
     return sum(results) / (time.perf_counter() - start)
 
 
-def library_rates(model: Path, dtype: str, quantization: str, threads: int | None, prompt: list[int], prompts: list[list[int]],
-                  max_tokens: int, repeats: int) -> tuple[list[float], float]:
-    from engine import LLM, SamplingParams
+class Library:
+    """The same workload through `LLM` in this process (the server's idle engine thread sleeps meanwhile)."""
 
-    llm = LLM(model, dtype=dtype, quantization=quantization, threads=threads)
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))  # warm up
-    single = []
-    for _ in range(repeats):
-        times = []
-        for _delta in llm.stream(prompt, params):
-            times.append(time.perf_counter())
-        single.append(decode_rate(times))
-    start = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    aggregate = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start)
-    return single, aggregate
+    def __init__(self, model: Path, dtype: str, quantization: str, threads: int | None):
+        from engine import LLM
+
+        self.llm = LLM(model, dtype=dtype, quantization=quantization, threads=threads)
+
+    def stream_times(self, prompt: list[int], max_tokens: int) -> list[float]:
+        from engine import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        return [time.perf_counter() for _ in self.llm.stream(prompt, params)]
+
+    def concurrent_rate(self, prompts: list[list[int]], max_tokens: int) -> float:
+        from engine import SamplingParams
+
+        start = time.perf_counter()
+        outs = self.llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
+        return sum(o.num_output_tokens for o in outs) / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -122,13 +126,15 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--dtype", default=DEFAULT_DTYPE)
     ap.add_argument("--quantization", default=DEFAULT_QUANTIZATION)
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: kvmini's choice)")
+    ap.add_argument("--threads", type=int, default=None, help="the server's --threads (default: its own choice)")
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--concurrent", type=int, default=16)
     ap.add_argument("--concurrent-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--server-arg", action="append", default=[], help="extra `kvmini serve` argument")
+    ap.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="environment variable for the server process only")
     args = ap.parse_args()
 
     from engine.tokenizer import Tokenizer
@@ -140,31 +146,40 @@ def main() -> None:
     extra = ["--dtype", args.dtype, "--quantization", args.quantization, *args.server_arg]
     if args.threads is not None:
         extra += ["--threads", str(args.threads)]
-    with Server(args.model, extra) as server:
-        stream_times(server.url, prompt, 8)  # warm up
-        http_single = [decode_rate(stream_times(server.url, prompt, args.max_tokens)) for _ in range(args.repeats)]
-        http_many = concurrent_rate(server.url, prompts, args.concurrent_tokens)
-    lib_single, lib_many = library_rates(args.model, args.dtype, args.quantization, args.threads, prompt, prompts,
-                                         args.concurrent_tokens, args.repeats)
+    server_env = dict(item.split("=", 1) for item in args.server_env)
+    library = Library(args.model, args.dtype, args.quantization, None)  # the library at its default
+    lib_single, http_single, lib_many, http_many = [], [], [], []
+    with Server(args.model, extra, server_env) as server:
+        stream_times(server.url, prompt, 8)  # warm up both
+        library.stream_times(prompt, 8)
+        # Library and HTTP alternate run by run, so slow phases of a shared machine hit both alike.
+        for _ in range(args.repeats):
+            lib_single.append(decode_rate(library.stream_times(prompt, args.max_tokens)))
+            http_single.append(decode_rate(stream_times(server.url, prompt, args.max_tokens)))
+        for _ in range(max(1, args.repeats // 2)):
+            lib_many.append(library.concurrent_rate(prompts, args.concurrent_tokens))
+            http_many.append(concurrent_rate(server.url, prompts, args.concurrent_tokens))
     hs, ls = statistics.median(http_single), statistics.median(lib_single)
+    hm, lm = statistics.median(http_many), statistics.median(lib_many)
     rows = [["batch 1 streamed, decode tok/s", ls, hs, hs / ls],
-            [f"{args.concurrent} streams, aggregate tok/s", lib_many, http_many, http_many / lib_many]]
+            [f"{args.concurrent} streams, aggregate tok/s", lm, hm, hm / lm]]
     print(f"load average {load:.2f}; {args.dtype}, quantization {args.quantization}; "
-          f"threads {args.threads or 'default'}; prompt {args.prompt_tokens} tokens")
+          f"server threads {args.threads or 'default'}; prompt {args.prompt_tokens} tokens")
     print_table(["workload", "library", "HTTP", "HTTP / library"], rows)
     payload = {
         "benchmark": "serve",
         "model": args.model.name,
         "dtype": args.dtype,
         "quantization": args.quantization,
-        "threads": args.threads,
+        "server_threads": args.threads,
         "server_args": extra,
+        "server_env": server_env,
         "load_average_1m": load,
         "batch1": {"max_tokens": args.max_tokens, "library_runs": lib_single, "http_runs": http_single,
                    "library_tokens_per_s": ls, "http_tokens_per_s": hs, "ratio": hs / ls},
         "concurrent": {"streams": args.concurrent, "max_tokens": args.concurrent_tokens,
-                       "library_tokens_per_s": lib_many, "http_tokens_per_s": http_many,
-                       "ratio": http_many / lib_many},
+                       "library_runs": lib_many, "http_runs": http_many,
+                       "library_tokens_per_s": lm, "http_tokens_per_s": hm, "ratio": hm / lm},
         "machine": machine(),
     }
     print(f"wrote {write_json(os.environ.get('KVMINI_BENCH_NAME', 'serve'), payload)}")

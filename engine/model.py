@@ -65,7 +65,6 @@ class RopeTable:
 
     def __init__(self, inv_freq: torch.Tensor, dtype: torch.dtype, length: int):
         self.inv_freq, self.dtype = inv_freq, dtype
-        self.cos = self.signed_sin = inv_freq.new_empty(0, 2 * inv_freq.shape[0], dtype=dtype)
         self._grow(length)
 
     def _grow(self, length: int) -> None:
@@ -199,7 +198,7 @@ def build_model(
     quantization: str | None = None,
 ) -> LlamaModel:
     """Allocate the model without random init (meta device), fill it from the checkpoint, then quantize its
-    linear layers (`quantization` "int8"/"int4", see engine/quant.py) or pack them for CPU."""
+    linear layers (`quantization` "int8", "int4" or "auto", see engine/quant.py) or pack them for CPU."""
     with torch.device("meta"):
         model = LlamaModel(config)
     model = model.to_empty(device=device).to(dtype)
