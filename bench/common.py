@@ -64,6 +64,21 @@ def read_bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     return nbytes / best / 1e9
 
 
+def token_times(llm, prompt: list[int], max_tokens: int) -> list[float]:
+    """Arrival time of every generated token of one greedy, fixed-length request through `LLMEngine`
+    (per token, not per text delta: a token that holds back its text still counts)."""
+    from engine import SamplingParams
+
+    engine = llm.engine
+    rid = engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
+    times = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.request_id == rid:
+                times += [time.perf_counter()] * len(out.new_token_ids)
+    return times
+
+
 def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()

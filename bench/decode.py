@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (  # noqa: E402
-    DEFAULT_MODEL, english_text, load_average, machine, print_table, read_bandwidth_gbs, write_json,
+    DEFAULT_MODEL, english_text, load_average, machine, print_table, read_bandwidth_gbs, token_times, write_json,
 )
-from engine import LLM, SamplingParams  # noqa: E402
+from engine import LLM  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
 from engine.quant import weight_bytes_per_token  # noqa: E402
 
@@ -38,9 +38,8 @@ SAME_WIDTH = {"kvmini bfloat16": "llama.cpp F16", "kvmini int8": "llama.cpp Q8_0
 
 def kvmini_runner(model_dir: Path, dtype: str, quantization: str | None, prompt: list[int], n: int) -> Runner:
     llm = LLM(model_dir, dtype=dtype, quantization=quantization)
-    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
-    llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))  # warm up
-    return lambda: [time.perf_counter() for _ in llm.stream(prompt, params)]
+    token_times(llm, prompt, 8)  # warm up
+    return lambda: token_times(llm, prompt, n)
 
 
 def transformers_runner(model_dir: Path, dtype: str, prompt: list[int], n: int) -> Runner:

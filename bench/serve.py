@@ -23,7 +23,9 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import DEFAULT_MODEL, english_text, load_average, machine, print_table, write_json  # noqa: E402
+from bench.common import (  # noqa: E402
+    DEFAULT_MODEL, english_text, load_average, machine, print_table, token_times, write_json,
+)
 from engine.cli import DEFAULT_DTYPE, DEFAULT_QUANTIZATION  # noqa: E402
 
 
@@ -65,30 +67,35 @@ class Server:
             self.proc.kill()
 
 
-def stream_times(url: str, prompt: list[int], max_tokens: int) -> list[float]:
-    """Arrival time of every token of one streamed completion (greedy, fixed length)."""
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
-    times = []
+def stream_times(url: str, prompt: list[int], max_tokens: int) -> tuple[list[float], int]:
+    """Arrival times of the text events of one streamed completion (greedy, fixed length) and the number
+    of tokens it generated (from its usage: a token that holds back its text sends no event)."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+    times, tokens = [], 0
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if line.startswith("data: {"):
                 now = time.perf_counter()
                 event = json.loads(line[6:])
-                if event["choices"] and event["choices"][0]["text"] is not None:
+                if event["choices"] and event["choices"][0]["text"]:
                     times.append(now)
-    return times
+                if event.get("usage"):
+                    tokens = event["usage"]["completion_tokens"]
+    return times, tokens
 
 
-def decode_rate(times: list[float]) -> float:
-    return (len(times) - 1) / (times[-1] - times[0])
+def decode_rate(times: list[float], tokens: int | None = None) -> float:
+    """Tokens per second after the first token (prefill excluded)."""
+    return ((tokens or len(times)) - 1) / (times[-1] - times[0])
 
 
 def concurrent_rate(url: str, prompts: list[list[int]], max_tokens: int) -> float:
     results: list[int] = [0] * len(prompts)
 
     def one(i: int) -> None:
-        results[i] = len(stream_times(url, prompts[i], max_tokens))
+        results[i] = stream_times(url, prompts[i], max_tokens)[1]
 
     start = time.perf_counter()
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
@@ -107,11 +114,8 @@ class Library:
 
         self.llm = LLM(model, dtype=dtype, quantization=quantization, threads=threads)
 
-    def stream_times(self, prompt: list[int], max_tokens: int) -> list[float]:
-        from engine import SamplingParams
-
-        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-        return [time.perf_counter() for _ in self.llm.stream(prompt, params)]
+    def token_times(self, prompt: list[int], max_tokens: int) -> list[float]:
+        return token_times(self.llm, prompt, max_tokens)
 
     def concurrent_rate(self, prompts: list[list[int]], max_tokens: int) -> float:
         from engine import SamplingParams
@@ -151,11 +155,11 @@ def main() -> None:
     lib_single, http_single, lib_many, http_many = [], [], [], []
     with Server(args.model, extra, server_env) as server:
         stream_times(server.url, prompt, 8)  # warm up both
-        library.stream_times(prompt, 8)
+        library.token_times(prompt, 8)
         # Library and HTTP alternate run by run, so slow phases of a shared machine hit both alike.
         for _ in range(args.repeats):
-            lib_single.append(decode_rate(library.stream_times(prompt, args.max_tokens)))
-            http_single.append(decode_rate(stream_times(server.url, prompt, args.max_tokens)))
+            lib_single.append(decode_rate(library.token_times(prompt, args.max_tokens)))
+            http_single.append(decode_rate(*stream_times(server.url, prompt, args.max_tokens)))
         for _ in range(max(1, args.repeats // 2)):
             lib_many.append(library.concurrent_rate(prompts, args.concurrent_tokens))
             http_many.append(concurrent_rate(server.url, prompts, args.concurrent_tokens))
