@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import DEFAULT_MODEL, english_text, machine, print_table, write_json  # noqa: E402
+from bench.common import DEFAULT_MODEL, english_text, load_average, machine, print_table, write_json  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
 
 
@@ -113,6 +113,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--quantization", default=None, help="kvmini's weight quantization (default: dense)")
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hf-batch-size", type=int, default=32)
@@ -122,8 +123,10 @@ def main() -> None:
     ap.add_argument("--skip-transformers", action="store_true")
     args = ap.parse_args()
 
+    load = load_average()
     llm = LLM(
-        args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
+        args.model, dtype=args.dtype, quantization=args.quantization, kv_cache_memory=args.kv_cache_memory,
+        max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
     )
     corpus = llm.tokenizer.encode(english_text())
@@ -151,13 +154,15 @@ def main() -> None:
             o["ttft_p50_s"], o["ttft_p99_s"], o["itl_p50_s"] * 1e3, o["itl_p99_s"] * 1e3,
             o["peak_kv_blocks_used"], o["prefix_cache_hit_rate"],
         ])
-    print(f"{args.num_requests} requests, {args.dtype}, seed {args.seed}")
+    print(f"load average {load:.2f}; {args.num_requests} requests, {args.dtype}, "
+          f"quantization {args.quantization or 'none'}, seed {args.seed}")
     print_table(
         ["workload", "kvmini tok/s", "HF static tok/s", "ratio", "TTFT p50 s", "TTFT p99 s", "ITL p50 ms",
          "ITL p99 ms", "peak blocks", "prefix hit"],
         rows,
     )
-    payload = {"benchmark": "throughput", "dtype": args.dtype, "num_requests": args.num_requests,
+    payload = {"benchmark": "throughput", "load_average_1m": load, "quantization": args.quantization,
+               "dtype": args.dtype, "num_requests": args.num_requests,
                "seed": args.seed, "machine": machine(), "variants": variants}
     print(f"wrote {write_json('throughput', payload)}")
 
