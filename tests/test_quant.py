@@ -192,3 +192,23 @@ def test_serve_passes_quantization_and_threads_to_the_engine(capsys, monkeypatch
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == "kvmini: quantization must be one of none, int8, int4, auto; got 'fp4'"
     assert served == {}  # refused before anything was served
+
+
+def test_sessions_and_attention_capture_run_on_quantized_weights(tiny_dir):
+    from engine import AttentionCapture
+
+    llm = LLM(tiny_dir, quantization="int4")
+    ids = list(range(3, 40))
+    with llm.session(ids, capture=AttentionCapture(layers=[1], heads=[0, 3])) as s:
+        steps = [s.step() for _ in range(3)] + s.feed([5, 6, 7])
+        branch = s.fork()
+        assert branch.step().token_id == s.step().token_id  # same cache, same logits
+        branch.close()
+    for step in steps:
+        rows = step.attention.layers[1]
+        assert rows.shape == (2, step.attention.query_position + 1)
+        assert abs(rows.sum(axis=1) - 1).max() < 1e-3
+    assert llm.blocks.allocator.num_used == 0
+    # The same greedy tokens through the session and through the engine.
+    engine_ids = llm.generate(ids, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))[0].token_ids
+    assert [st.token_id for st in steps[:3]] == engine_ids
