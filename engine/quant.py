@@ -47,7 +47,8 @@ def parse_quantization(name: str | None, device: torch.device | str = "cpu") -> 
 def weight_bytes_per_token(config: ModelConfig, quantization: str | None, dense_bytes: int = 2) -> int:
     """Bytes of weights one decode step streams: every linear layer and the output head (norms and the one
     embedding row are negligible). int8 adds a 2-byte scale per row; int4 a 2-byte scale and zero per 32
-    weights, with the head in int8 (see `build_model`)."""
+    weights, with the head in int8 (see `build_model`); "auto" counts as int4, its case when every layer
+    sits on a 4-bit grid."""
     h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
     rows = q + 2 * kv + h + 2 * i + h  # output rows of qkv, o, gate_up, down
