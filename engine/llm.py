@@ -59,7 +59,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     max_model_len: int | None = None  # default: the checkpoint's max_position_embeddings
     pack_weights: bool = True  # CPU float32/bfloat16: oneDNN-packed linear layers (engine/packed_linear.py)
-    quantization: str | None = None  # "int8" | "int4" weight-only linear layers (engine/quant.py)
+    quantization: str | None = None  # "int8" | "int4" | "auto" weight-only linear layers (engine/quant.py)
 
 
 class LLM:
