@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -95,8 +96,29 @@ def _tensor_names(path: Path) -> list[str]:
         raise CheckpointError(path, f"corrupt or truncated safetensors file: {e}") from None
 
 
-def load_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Read every expected tensor, check its shape, and cast it to `dtype`."""
+# The dtypes (as a safetensors header spells them) a weight may be stored in; each is cast to the run dtype.
+# An integer or bool tensor is not a weight we can cast (packed GPTQ/AWQ ints, a mislabelled buffer).
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+
+
+@dataclass(frozen=True)
+class CheckedWeights:
+    """What `check_checkpoint` found: where each expected tensor lives, its stored dtype, and what is ignored."""
+
+    shards: dict[Path, list[str]]  # file -> the expected tensors it holds (in `expected_shapes` order)
+    dtypes: dict[str, str]  # expected tensor -> its safetensors dtype ("F32", "BF16", ...)
+    unexpected: list[str]  # tensors in the checkpoint that kvmini ignores
+
+    @property
+    def num_tensors(self) -> int:
+        return len(self.dtypes)
+
+
+def check_checkpoint(model_dir: str | Path, config: ModelConfig) -> CheckedWeights:
+    """Validate the weights of `model_dir` against `config` from the safetensors headers alone: every expected
+    tensor present (in the file the index names), with the expected shape and a floating-point dtype; every
+    file it needs readable and not truncated. No tensor data is read. Raises CheckpointError naming the file and
+    the tensor. `load_weights` runs exactly these checks before it reads anything."""
     files = weight_files(model_dir)
     expected = expected_shapes(config)
     missing = [name for name in expected if name not in files]
@@ -107,34 +129,60 @@ def load_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype)
     unexpected = [n for n in files if n not in expected and not n.endswith(IGNORED_SUFFIXES)]
     # A tied checkpoint may still carry lm_head.weight (a copy of the embedding): harmless.
     unexpected = [n for n in unexpected if not (n == "lm_head.weight" and config.tie_word_embeddings)]
-    if unexpected:
-        log.warning("ignoring %d unexpected tensors, e.g. %s", len(unexpected), unexpected[0])
-    by_file: dict[Path, list[str]] = {}
+    shards: dict[Path, list[str]] = {}
     for name in expected:
-        by_file.setdefault(files[name], []).append(name)
-    out: dict[str, torch.Tensor] = {}
-    for path, names in by_file.items():
-        out |= _read_file(path, names, expected, dtype)
-    return out
+        shards.setdefault(files[name], []).append(name)
+    dtypes: dict[str, str] = {}
+    for path, names in shards.items():
+        dtypes |= _check_file(path, names, expected)
+    return CheckedWeights(shards, {name: dtypes[name] for name in expected}, unexpected)
 
 
-def _read_file(
-    path: Path, names: list[str], expected: dict[str, tuple[int, ...]], dtype: torch.dtype
-) -> dict[str, torch.Tensor]:
+def _check_file(path: Path, names: list[str], expected: dict[str, tuple[int, ...]]) -> dict[str, str]:
+    """The stored dtype of each of `names` in `path`, after checking presence, shape and dtype in its header."""
     if not path.is_file():
         raise CheckpointError(path, f"shard listed in {INDEX_FILE} does not exist")
-    out = {}
+    dtypes = {}
     try:
-        with safe_open(path, framework="pt") as f:
+        with safe_open(path, framework="pt") as f:  # parses and validates the header only; data stays on disk
+            present = set(f.keys())
             for name in names:
-                if name not in f.keys():
+                if name not in present:
                     raise CheckpointError(path, f"missing tensor '{name}' (the index says it is in this file)")
-                shape = tuple(f.get_slice(name).get_shape())
+                info = f.get_slice(name)
+                shape = tuple(info.get_shape())
                 if shape != expected[name]:
                     raise CheckpointError(
                         path, f"tensor '{name}' has shape {list(shape)}, expected {list(expected[name])}"
                     )
-                out[name] = f.get_tensor(name).to(dtype)
+                dtype = info.get_dtype()
+                if dtype not in FLOAT_DTYPES:
+                    raise CheckpointError(
+                        path, f"tensor '{name}' has dtype {dtype}, expected a floating-point dtype "
+                        f"({', '.join(FLOAT_DTYPES)})"
+                    )
+                dtypes[name] = dtype
+    except CheckpointError:
+        raise
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(path, f"corrupt or truncated safetensors file: {e}") from None
+    return dtypes
+
+
+def load_weights(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Validate the checkpoint (`check_checkpoint`), then read every expected tensor and cast it to `dtype`."""
+    checked = check_checkpoint(model_dir, config)
+    if checked.unexpected:
+        log.warning("ignoring %d unexpected tensors, e.g. %s", len(checked.unexpected), checked.unexpected[0])
+    out: dict[str, torch.Tensor] = {}
+    for path, names in checked.shards.items():
+        out |= _read_file(path, names, dtype)
+    return out
+
+
+def _read_file(path: Path, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {name: f.get_tensor(name).to(dtype) for name in names}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(path, f"corrupt or truncated safetensors file: {e}") from None
-    return out

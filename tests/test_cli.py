@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from checkpoints import make_checkpoint
 from engine.cli import main
@@ -148,3 +150,188 @@ def test_subprocess_info_broken_dir_exits_2(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().startswith("kvmini: bad checkpoint:") and "'hidden_size'" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------------------------- info validates
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A valid tiny checkpoint (untied, GQA) that the tests below copy and break."""
+    pytest.importorskip("transformers")
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    make_checkpoint(out, num_kv_heads=2, num_heads=4, layers=2)
+    return out
+
+
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+def _edit_config(d: Path, **changes) -> None:
+    raw = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**raw, **changes}))
+
+
+def _edit_tensors(d: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(d / WEIGHTS)
+    edit(tensors)
+    save_file(tensors, d / WEIGHTS, metadata={"format": "pt"})
+
+
+def _shard(d: Path) -> list[str]:
+    """Split model.safetensors into two shards plus an index, as save_pretrained(max_shard_size=...) does."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(d / WEIGHTS)
+    (d / WEIGHTS).unlink()
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    parts: list[dict] = [{}, {}]
+    for key, t in tensors.items():
+        parts[key.startswith("model.layers.1.") or key == "lm_head.weight"][key] = t
+    weight_map = {}
+    for fname, part in zip(names, parts):
+        save_file(part, d / fname, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(part, fname)
+    (d / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return names
+
+
+def _edit_index(d: Path, edit) -> None:
+    index = json.loads((d / INDEX).read_text())
+    edit(index["weight_map"])
+    (d / INDEX).write_text(json.dumps(index))
+
+
+def _truncate(path: Path, drop: int) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - drop])
+
+
+class _Boobytrap:
+    """Unpickling this creates `marker`: proof that someone ran the pickle."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _pickle_only(d: Path) -> None:
+    import pickle
+
+    (d / WEIGHTS).unlink()
+    (d / "pytorch_model.bin").write_bytes(pickle.dumps({"model.norm.weight": _Boobytrap(d.parent / "UNPICKLED")}))
+
+
+LAYER1_DOWN = "model.layers.1.mlp.down_proj.weight"
+K0 = "model.layers.0.self_attn.k_proj.weight"
+SHARD2 = "model-00002-of-00002.safetensors"
+
+# kind -> (how to break a copy of the tiny checkpoint, the file the message names, fragments of the message)
+INFO_BROKEN = {
+    "missing-tensor": (lambda d: _edit_tensors(d, lambda t: t.pop(LAYER1_DOWN)), WEIGHTS,
+                       [f"missing tensor '{LAYER1_DOWN}'"]),
+    "missing-layer": (lambda d: _edit_config(d, num_hidden_layers=3), WEIGHTS,
+                      ["missing tensor 'model.layers.2.", "(and 8 more)"]),
+    "missing-lm-head": (lambda d: _edit_tensors(d, lambda t: t.pop("lm_head.weight")), WEIGHTS,
+                        ["'lm_head.weight'"]),
+    "wrong-shape": (lambda d: _edit_tensors(d, lambda t: t.__setitem__(K0, torch.zeros(64, 64))), WEIGHTS,
+                    [f"tensor '{K0}' has shape [64, 64], expected [32, 64]"]),
+    "wrong-shape-config": (lambda d: _edit_config(d, intermediate_size=96), WEIGHTS,
+                           ["'model.layers.0.mlp.gate_proj.weight' has shape [128, 64], expected [96, 64]"]),
+    "int-dtype": (lambda d: _edit_tensors(d, lambda t: t.__setitem__(K0, t[K0].to(torch.int32))), WEIGHTS,
+                  [f"tensor '{K0}' has dtype I32", "floating-point"]),
+    "bool-dtype": (lambda d: _edit_tensors(d, lambda t: t.__setitem__("model.norm.weight",
+                                                                      t["model.norm.weight"] > 0)), WEIGHTS,
+                   ["tensor 'model.norm.weight' has dtype BOOL"]),
+    "truncated": (lambda d: _truncate(d / WEIGHTS, 16), WEIGHTS, ["corrupt or truncated"]),
+    "truncated-to-4-bytes": (lambda d: (d / WEIGHTS).write_bytes(b"\x10\0\0\0"), WEIGHTS, ["corrupt or truncated"]),
+    "missing-config-field": (lambda d: _edit_config(d, vocab_size=None), "config.json",
+                             ["missing required field 'vocab_size'"]),
+    "bad-config-field": (lambda d: _edit_config(d, hidden_size=0), "config.json",
+                         ["'hidden_size' must be a positive integer, got 0"]),
+    "bad-rope": (lambda d: _edit_config(d, rope_scaling={"rope_type": "yarn", "factor": 4.0}), "config.json",
+                 ["'yarn'"]),
+    "no-tokenizer": (lambda d: (d / "tokenizer.json").unlink(), "", ["no tokenizer.json or tokenizer.model"]),
+    "corrupt-tokenizer": (lambda d: (d / "tokenizer.json").write_text('{"model": '), "tokenizer.json",
+                          ["cannot load tokenizer.json"]),
+    "bad-tokenizer-config": (lambda d: (d / "tokenizer_config.json").write_text('{"chat_template": 3}'),
+                             "tokenizer_config.json", ["'chat_template'"]),
+    "pickle-only": (_pickle_only, "", ["pytorch_model.bin", "pickle", "safetensors"]),
+    "no-weights": (lambda d: (d / WEIGHTS).unlink(), "", [WEIGHTS, INDEX]),
+    "shard-missing": (lambda d: (d / _shard(d)[1]).unlink(), SHARD2, ["does not exist"]),
+    "shard-truncated": (lambda d: _truncate(d / _shard(d)[1], 100), SHARD2, ["corrupt or truncated"]),
+    "index-misplaces-tensor": (
+        lambda d: (_shard(d), _edit_index(d, lambda m: m.__setitem__("model.norm.weight", SHARD2))), SHARD2,
+        ["missing tensor 'model.norm.weight' (the index says it is in this file)"]),
+    "index-drops-tensor": (lambda d: (_shard(d), _edit_index(d, lambda m: m.pop(K0))), INDEX,
+                           [f"missing tensor '{K0}'"]),
+    "index-not-json": (lambda d: (_shard(d), (d / INDEX).write_text("{")), INDEX, ["weight_map"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", list(INFO_BROKEN))
+def test_info_refuses_what_loading_refuses(capsys, tiny_ckpt: Path, tmp_path: Path, kind: str) -> None:
+    """`kvmini info` exits 2 with the one-line message `LLM(...)` (so `kvmini serve`) raises, naming the file
+    and the tensor or field, and prints nothing else."""
+    from engine import LLM
+    from engine.errors import CheckpointError
+
+    break_it, fname, fragments = INFO_BROKEN[kind]
+    model_dir = Path(shutil.copytree(tiny_ckpt, tmp_path / "model"))
+    break_it(model_dir)
+    code, out, err = run_cli(capsys, "info", model_dir)
+    assert_one_line_error(code, out, err, "bad checkpoint", str(model_dir / fname), *fragments)
+    assert out == ""
+    assert not (tmp_path / "UNPICKLED").exists()  # a pickle is refused unread
+    with pytest.raises(CheckpointError) as loading:
+        LLM(model_dir, num_blocks=4)
+    assert err.strip() == f"kvmini: bad checkpoint: {loading.value}"  # the same verdict, word for word
+
+
+def test_info_ok_reads_headers_only(capsys, tiny_ckpt: Path, monkeypatch) -> None:
+    """A good checkpoint passes with a 'checkpoint OK' line, without reading any tensor's data."""
+    import engine.checkpoint
+
+    def no_reading(*args):
+        raise AssertionError("info read tensor data")
+
+    monkeypatch.setattr(engine.checkpoint, "_read_file", no_reading)
+    code, out, err = run_cli(capsys, "info", tiny_ckpt)
+    assert code == 0 and err == ""
+    assert out.splitlines()[-1] == "checkpoint OK: 21 tensors (21 F32) in 1 safetensors file, tokenizer of 259 tokens"
+
+
+@pytest.mark.parametrize("kind", ["sharded-bf16", "pickle-beside-safetensors", "extra-tensor", "tied-with-lm-head"])
+def test_info_ok_variants(capsys, tiny_ckpt: Path, tmp_path: Path, kind: str) -> None:
+    """What loading accepts, info accepts: shards, 16-bit storage, an ignored pickle, extra tensors."""
+    from engine import LLM
+
+    model_dir = Path(shutil.copytree(tiny_ckpt, tmp_path / "model"))
+    if kind == "sharded-bf16":
+        _edit_tensors(model_dir, lambda t: t.update({k: v.to(torch.bfloat16) for k, v in t.items()}))
+        _shard(model_dir)
+    elif kind == "pickle-beside-safetensors":
+        import pickle
+
+        (model_dir / "pytorch_model.bin").write_bytes(pickle.dumps(_Boobytrap(tmp_path / "UNPICKLED")))
+    elif kind == "extra-tensor":
+        _edit_tensors(model_dir, lambda t: t.__setitem__("model.layers.0.self_attn.rotary_emb.scale", torch.ones(8)))
+    else:
+        _edit_config(model_dir, tie_word_embeddings=True)  # lm_head.weight is then an ignored copy
+    code, out, err = run_cli(capsys, "info", model_dir)
+    assert code == 0 and err == "", err
+    last = out.splitlines()[-1]
+    assert last.startswith("checkpoint OK: ") and "tokenizer of 259 tokens" in last
+    if kind == "sharded-bf16":
+        assert "(21 BF16) in 2 safetensors files" in last
+    if kind == "extra-tensor":
+        assert "ignored: 1 unexpected tensors, e.g. model.layers.0.self_attn.rotary_emb.scale" in out
+    if kind == "tied-with-lm-head":
+        assert "20 tensors" in last
+    assert not (tmp_path / "UNPICKLED").exists()
+    LLM(model_dir, num_blocks=4)  # and it does load
