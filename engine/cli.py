@@ -39,8 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     c.set_defaults(func=_convert)
 
-    i = sub.add_parser("info", help="print a model's config, parameter count and KV bytes per token")
-    i.add_argument("model", type=Path, nargs="?", default=DEFAULT_MODEL)
+    i = sub.add_parser("info", help="check a model directory as loading it would (config, tokenizer, every tensor's "
+                                    "name, shape and dtype; exit 2 if broken) and print its config, parameter "
+                                    "count and KV bytes per token")
+    i.add_argument("model", type=Path, nargs="?", default=DEFAULT_MODEL, help="HF-format model directory")
     i.set_defaults(func=_info)
 
     g = sub.add_parser("generate", help="generate text, streamed to the terminal")
@@ -65,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-cache-memory", help="KV cache size: bytes, or with a suffix like 512M, 2G")
     s.add_argument("--max-num-seqs", type=int, default=64)
     s.add_argument("--max-num-batched-tokens", type=int, default=512)
+    s.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds running requests get to finish before they are ended (default: 30)")
+    s.add_argument("--max-stop-strings", type=int, default=16, help="most stop strings per request (default: 16)")
+    s.add_argument("--max-stop-length", type=int, default=256,
+                   help="most characters per stop string (default: 256)")
     s.set_defaults(func=_serve)
     for module in PLUGIN_MODULES:
         importlib.import_module(module).add_subcommands(sub)
@@ -112,10 +119,18 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from engine.checkpoint import check_checkpoint
     from engine.config import ModelConfig
     from engine.quant import weight_bytes_per_token
+    from engine.tokenizer import Tokenizer
 
+    # What `LLM` (so `generate` and `serve`) checks, in the same order and with the same code, except that the
+    # weights are checked from the safetensors headers without being read: a directory `info` passes, loads.
     c = ModelConfig.from_dir(args.model)
+    tokenizer = Tokenizer.from_dir(args.model)
+    weights = check_checkpoint(args.model, c)
     print(f"model: {args.model}")
     for key, value in c.to_dict().items():
         print(f"  {key}: {value}")
@@ -127,6 +142,12 @@ def _info(args: argparse.Namespace) -> int:
     for name, quantization, nbytes in (("float32", None, 4), ("bfloat16", None, 2), ("int8", "int8", 2),
                                        ("int4", "int4", 2)):
         print(f"weights read per decoded token ({name}): {weight_bytes_per_token(c, quantization, nbytes):,} bytes")
+    if weights.unexpected:
+        print(f"ignored: {len(weights.unexpected)} unexpected tensors, e.g. {weights.unexpected[0]}")
+    stored = ", ".join(f"{n} {dtype}" for dtype, n in Counter(weights.dtypes.values()).most_common())
+    files = len(weights.shards)
+    print(f"checkpoint OK: {weights.num_tensors} tensors ({stored}) in {files} safetensors file{'s' * (files > 1)}, "
+          f"tokenizer of {tokenizer.vocab_size:,} tokens")
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -11,14 +12,17 @@ import torch.nn.functional as F
 
 from engine.attention import AttentionCapture, CaptureSink
 from engine.config import ModelConfig
-from engine.errors import CacheFullError
+from engine.errors import RequestError
 from engine.outputs import AttentionRows, RequestOutput, TokenLogprob
-from engine.runner import ModelRunner
+from engine.runner import ModelRunner, ScheduledSeq
 from engine.sampling import Sampler, SamplerOutput, SamplingParams, make_generator
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence, SequenceIds
 from engine.stop import StopChecker
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from engine.validation import ContextLimits, check_request, prompt_token_ids
+
+log = logging.getLogger("kvmini.engine")
 
 
 @dataclass(eq=False)
@@ -48,8 +52,10 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.model_config = model_config
         self.max_model_len = max_model_len
-        # The longest sequence that can run at all: the context length, or less when the pool is smaller.
-        self.max_seq_len = min(max_model_len, runner.kv_cache.num_blocks * runner.kv_cache.block_size)
+        self.limits = ContextLimits(
+            model_config.vocab_size, max_model_len, runner.kv_cache.num_blocks, runner.kv_cache.block_size
+        )
+        self.max_seq_len = self.limits.max_seq_len
         self.scheduler = Scheduler(scheduler_config, runner.blocks)
         self.sampler = Sampler()
         self.eos_token_ids = tuple(sorted(set(tokenizer.eos_token_ids) | set(model_config.eos_token_ids)))
@@ -65,15 +71,17 @@ class LLMEngine:
         request_id: str | None = None,
         capture: AttentionCapture | None = None,
     ) -> str:
-        """Queue a request; raises ValueError for bad input and CacheFullError if it can never fit."""
+        """Queue a request. Bad input raises `RequestError` (a ValueError naming the field), a request
+        larger than the whole KV pool `RequestTooLargeError` (also a CacheFullError): whatever is
+        accepted here cannot fail a step because of its input."""
         params = params or SamplingParams()
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        self.check_prompt(ids, params)
+        ids = prompt_token_ids(prompt, self.tokenizer, self.limits.vocab_size)
+        check_request(ids, params, self.limits)
         if capture is not None:
             capture.validate(self.model_config.num_hidden_layers, self.model_config.num_attention_heads)
         request_id = request_id if request_id is not None else f"req-{next(self._request_ids)}"
         if request_id in self.requests:
-            raise ValueError(f"request_id {request_id!r} is already in use")
+            raise RequestError("request_id", f"request_id {request_id!r} is already in use")
         seq = Sequence(self.seq_ids.next(), ids, len(ids), params, capture)
         seq.generator = make_generator(params.seed, self.runner.device)
         self.requests[request_id] = Request(
@@ -82,35 +90,10 @@ class LLMEngine:
             IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens),
             StopChecker(params, self.eos_token_ids, self.max_seq_len, prompt_len=len(ids)),
             [] if params.logprobs is not None else None,
-            list(ids),
+            list(ids),  # the sequence appends to `ids`; the prompt stays as it was
         )
         self.scheduler.add(seq)
         return request_id
-
-    def check_prompt(self, ids: list[int], params: SamplingParams) -> None:
-        """Errors a user can act on: empty prompt, too long, unknown ids, a request larger than the pool."""
-        if not ids:
-            raise ValueError("prompt is empty: give at least one token")
-        bad = next((t for t in ids if not 0 <= t < self.model_config.vocab_size), None)
-        if bad is not None:
-            raise ValueError(f"prompt token id {bad} is outside the vocabulary (size {self.model_config.vocab_size})")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"prompt has {len(ids)} tokens; the context length is {self.max_model_len}, leaving no room to generate"
-            )
-        # max_tokens=None means "until a stop condition or the longest sequence that fits".
-        max_new = params.max_tokens if params.max_tokens is not None else max(self.max_seq_len - len(ids), 1)
-        if len(ids) + max_new > self.max_model_len:
-            raise ValueError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({max_new}) = {len(ids) + max_new} tokens is more than "
-                f"the context length ({self.max_model_len})"
-            )
-        need = self.blocks.blocks_needed(len(ids) + max_new - 1)  # the last token's K/V are never written
-        if need > self.blocks.allocator.num_blocks:
-            raise CacheFullError(
-                f"request needs {need} KV blocks ({len(ids) + max_new} tokens) but the whole cache has "
-                f"{self.blocks.allocator.num_blocks}; lower max_tokens or give the cache more memory"
-            )
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks; returns its final output (None if unknown/finished)."""
@@ -126,18 +109,66 @@ class LLMEngine:
 
     # ---- the loop ----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run one forward pass, sample, and return one output per request that advanced."""
+        """Schedule, run one forward pass, sample, and return one output per request that advanced.
+
+        One request cannot take its batch down: if the batched pass fails, each scheduled sequence is
+        run alone and only those that fail alone end, with finish_reason "error" (as does a request
+        whose own bookkeeping fails); the others go on as if nothing happened."""
         work = self.scheduler.schedule()
         if not work:
             return []
+        try:
+            computed = self._compute(work)
+        except Exception as e:
+            log.warning("a step of %d sequences failed (%s: %s); running each alone", len(work), type(e).__name__, e)
+            return self._step_alone(work)
+        return self._advance_all(computed)
+
+    def _compute(self, work: list[ScheduledSeq]) -> "_Computed":
+        """The forward pass and sampling of one step; on failure, undone so the work can run again."""
         by_seq = {id(r.seq): r for r in self.requests.values()}
-        out = self.runner.run(work)
-        self._collect_prefill_matrices(out.captures)
-        if not out.sampled:
-            return []
-        reqs = [by_seq[id(s)] for s in out.sampled]
-        sampled = self._sample(out.logits, reqs)
-        return [self._advance(req, i, sampled, out.captures.get(req.seq.seq_id)) for i, req in enumerate(reqs)]
+        saved = _StepState([(w.seq, by_seq.get(id(w.seq))) for w in work])
+        try:
+            out = self.runner.run(work)
+            self._collect_prefill_matrices(out.captures)
+            reqs = [by_seq[id(s)] for s in out.sampled]
+            sampled = self._sample(out.logits, reqs) if reqs else None
+        except BaseException:
+            saved.restore()
+            raise
+        return _Computed(reqs, sampled, out.captures)
+
+    def _step_alone(self, work: list[ScheduledSeq]) -> list[RequestOutput]:
+        outputs = []
+        for w in work:
+            req = next((r for r in self.requests.values() if r.seq is w.seq), None)
+            if req is None:
+                continue
+            try:
+                computed = self._compute([w])
+            except Exception as e:
+                outputs.append(self._fail(req, e))
+                continue
+            outputs += self._advance_all(computed)
+        return outputs
+
+    def _advance_all(self, computed: "_Computed") -> list[RequestOutput]:
+        outputs = []
+        for i, req in enumerate(computed.reqs):
+            try:
+                outputs.append(self._advance(req, i, computed.sampled, computed.captures.get(req.seq.seq_id)))
+            except Exception as e:
+                outputs.append(self._fail(req, e))
+        return outputs
+
+    def _fail(self, req: Request, error: Exception) -> RequestOutput:
+        """End a request that failed on its own: blocks back to the pool, an output carrying the error."""
+        log.error("request %s failed", req.request_id, exc_info=error)
+        self.requests.pop(req.request_id, None)
+        self.scheduler.finish(req.seq, "error")
+        out = self._output(req, [], "", None, "error")
+        out.error = f"{type(error).__name__}: {error}"
+        return out
 
     def _collect_prefill_matrices(self, captures: dict[int, CaptureSink]) -> None:
         """Keep each prompt chunk's attention matrices until the prompt's last chunk has run."""
@@ -228,6 +259,36 @@ class LLMEngine:
             "prefix_cache_hit_rate": self.blocks.prefix_hits / q if q else 0.0,
             "preemptions": self.scheduler.num_preemptions,
         }
+
+
+@dataclass
+class _Computed:
+    """A step's forward pass and sampling, before the requests advance."""
+
+    reqs: list[Request]  # in logits-row order
+    sampled: SamplerOutput | None
+    captures: dict[int, CaptureSink]
+
+
+class _StepState:
+    """What a failed step must undo before its sequences run again: how much of each sequence the cache
+    holds (the slots it wrote are simply written again), the prompt chunks kept for attention, and the
+    state of each seeded generator (so that a retry draws the same token)."""
+
+    def __init__(self, items: list[tuple[Sequence, Request | None]]):
+        self.items = [
+            (seq, seq.block_table.num_cached_tokens, req, len(req.prefill_chunks) if req else 0,
+             seq.generator.get_state() if seq.generator is not None else None)
+            for seq, req in items
+        ]
+
+    def restore(self) -> None:
+        for seq, num_cached, req, num_chunks, generator_state in self.items:
+            seq.block_table.num_cached_tokens = num_cached
+            if req is not None:
+                del req.prefill_chunks[num_chunks:]
+            if generator_state is not None:
+                seq.generator.set_state(generator_state)
 
 
 def _join_chunks(chunks: list[dict[int, torch.Tensor]]) -> dict[int, np.ndarray]:

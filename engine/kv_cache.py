@@ -173,7 +173,7 @@ class BlockManager:
         self.block_size = kv_cache.block_size
         self.allocator = BlockAllocator(kv_cache.num_blocks)
         self.enable_prefix_caching = enable_prefix_caching
-        self.prefix_queries = 0  # full prompt blocks looked up
+        self.prefix_queries = 0  # full prompt blocks looked up (once per request, see record_prefix_lookup)
         self.prefix_hits = 0  # of which were found cached
 
     def blocks_needed(self, num_tokens: int) -> int:
@@ -194,17 +194,20 @@ class BlockManager:
         for start in range(0, len(token_ids) - 1 - (len(token_ids) - 1) % bs, bs):
             tokens = tuple(token_ids[start : start + bs])
             h = chain_hash(parent, tokens)
-            self.prefix_queries += 1
             block = self.allocator.lookup(h, tokens)
             if block is None:
                 break
-            self.prefix_hits += 1
             self.allocator.share(block)
             table.blocks.append(block)
             table.block_hashes.append(h)
             parent = h
         table.num_cached_tokens = len(table.blocks) * bs
         return table.num_cached_tokens
+
+    def record_prefix_lookup(self, num_tokens: int, reused_tokens: int) -> None:
+        """Count one request's lookup: the full blocks it could have reused and those it did."""
+        self.prefix_queries += (num_tokens - 1) // self.block_size
+        self.prefix_hits += reused_tokens // self.block_size
 
     def blocks_to_reserve(self, table: BlockTable, num_tokens: int) -> int:
         """New blocks `reserve(table, num_tokens)` would take (copy-on-write included)."""

@@ -15,6 +15,7 @@ from engine.config import ModelConfig
 from engine.kv_cache import BlockManager, CacheConfig, KVCache
 from engine.model import build_model
 from engine.engine import LLMEngine
+from engine.errors import RequestError
 from engine.outputs import RequestOutput
 from engine.quant import parse_quantization
 from engine.runner import ModelRunner
@@ -22,6 +23,7 @@ from engine.sampling import SamplingParams
 from engine.scheduler import SchedulerConfig
 from engine.session import Session
 from engine.tokenizer import Tokenizer
+from engine.validation import check_length, check_messages, prompt_token_ids
 
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "weights" / "smollm2-135m-instruct"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -117,8 +119,8 @@ class LLM:
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """Float32 logits `[len(token_ids), vocab]` of a full prefill; the cache is not touched."""
-        self._check_prompt(token_ids)
-        return self.runner.full_logits(list(token_ids))
+        ids = self._prompt_ids(token_ids, "token_ids")
+        return self.runner.full_logits(ids)
 
     def generate(
         self,
@@ -126,7 +128,8 @@ class LLM:
         params: SamplingParams | list[SamplingParams] | None = None,
         capture: AttentionCapture | None = None,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion, batched; outputs in prompt order."""
+        """Run every prompt to completion, batched; outputs in prompt order. A request the engine had
+        to end on its own comes back with finish_reason "error" and `error` set; the others are unaffected."""
         prompts = [prompts] if isinstance(prompts, str) or _is_token_list(prompts) else list(prompts)
         params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(params_list) != len(prompts):
@@ -163,8 +166,16 @@ class LLM:
         return self.generate(prompts, params)
 
     def chat_prompt(self, messages: list[dict[str, str]], **template_kwargs) -> list[int]:
-        """Token ids of a conversation rendered with the model's chat template (generation prompt added)."""
-        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **template_kwargs)
+        """Token ids of a conversation rendered with the model's chat template (generation prompt added).
+
+        Bad messages, and any failure of the checkpoint's template (it is the model's code, run in a
+        sandbox), raise `RequestError` with param "messages"."""
+        check_messages(messages)
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
+        except Exception as e:  # noqa: BLE001 - include, range(10**9), raise_exception(): all the request's fault
+            raise RequestError("messages", f"cannot apply the chat template: {type(e).__name__}: {e}") from None
+        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[str]:
         """Yield text deltas as they are decoded; closing the iterator early aborts the request."""
@@ -173,6 +184,8 @@ class LLM:
             while True:
                 for out in self.engine.step():
                     if out.request_id == rid:
+                        if out.finish_reason == "error":
+                            raise RuntimeError(f"the engine failed on this request: {out.error}")
                         if out.new_text:
                             yield out.new_text
                         if out.finished:
@@ -189,20 +202,15 @@ class LLM:
         params: SamplingParams | None = None,
     ) -> Session:
         """Start step-by-step decoding of `prompt` (see `Session`)."""
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        self._check_prompt(ids)
+        ids = self._prompt_ids(prompt)
         if capture is not None:
             capture.validate(self.config.num_hidden_layers, self.config.num_attention_heads)
         return Session(self.runner, self.tokenizer, self.engine.seq_ids, ids, self.max_model_len, capture, params)
 
-    def _check_prompt(self, token_ids: list[int]) -> None:
-        if len(token_ids) == 0:
-            raise ValueError("prompt is empty: give at least one token")
-        if len(token_ids) > self.max_model_len:
-            raise ValueError(f"prompt has {len(token_ids)} tokens, more than the context length {self.max_model_len}")
-        bad = [t for t in token_ids if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary (size {self.config.vocab_size})")
+    def _prompt_ids(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
+        ids = prompt_token_ids(prompt, self.tokenizer, self.config.vocab_size, param)
+        check_length(param, len(ids), self.max_model_len)
+        return ids
 
 
 def _is_token_list(value) -> bool:

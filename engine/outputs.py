@@ -66,13 +66,14 @@ class RequestOutput:
     text: str = ""
     new_token_ids: list[int] = field(default_factory=list)
     new_text: str = ""
-    finish_reason: str | None = None  # "stop" | "length" | "abort" once finished
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" once finished
     stop_reason: str | int | None = None
     logprobs: list[TokenLogprob] | None = None  # all so far, when asked
     new_logprobs: list[TokenLogprob] | None = None
     attention: list[AttentionRows] | None = None  # this step's rows, when captured
     num_cached_prompt_tokens: int = 0  # prompt tokens reused from the prefix cache
     all_token_ids: list[int] = field(default_factory=list, repr=False)  # the sequence's list (prompt + output)
+    error: str | None = None  # with finish_reason "error": what failed (the request alone was ended)
 
     @property
     def token_ids(self) -> list[int]:

@@ -24,15 +24,18 @@ sampled step, so its tokens do not depend on what else is in the batch, nor on t
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from engine.errors import RequestError
+from engine.validation import INT32_END, SEED_END, SEED_MIN, check_bool, check_float, check_int, check_text
+
 # vLLM's _SAMPLING_EPS: temperatures below this are treated as greedy (dividing by them overflows).
 SAMPLING_EPS = 1e-5
 MAX_LOGPROBS = 20
+FLOAT32_MAX = torch.finfo(torch.float32).max
 # top-p without top-k first tries the top this-many logits (see apply_top_k_top_p).
 TOP_P_CANDIDATES = 1024
 
@@ -40,12 +43,15 @@ TOP_P_CANDIDATES = 1024
 TokenIds = Sequence[int] | torch.Tensor
 
 
-def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+def _str_list(param: str, value: object) -> list[str]:
+    """None, a string or a list of strings, as a list."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    raise RequestError(param, f"{param} must be a string, a list of strings or None, got {type(value).__name__}")
 
 
 @dataclass
@@ -79,82 +85,33 @@ class SamplingParams:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        def number(name: str, lo: float, hi: float, lo_open: bool = False) -> float:
-            v = getattr(self, name)
-            if not _is_number(v) or not math.isfinite(v):
-                raise ValueError(f"{name} must be a finite number, got {v!r}")
-            if (v <= lo if lo_open else v < lo) or v > hi:
-                lo_s = f"> {lo}" if lo_open else f">= {lo}"
-                hi_s = "" if math.isinf(hi) else f" and <= {hi}"
-                raise ValueError(f"{name} must be {lo_s}{hi_s}, got {v!r}")
-            setattr(self, name, float(v))
-            return float(v)
-
-        def integer(name: str, value: object, allow_none: bool = False) -> None:
-            if value is None and allow_none:
-                return
-            if not _is_int(value):
-                raise ValueError(f"{name} must be an int{' or None' if allow_none else ''}, got {value!r}")
-
-        def boolean(name: str) -> None:
-            v = getattr(self, name)
-            if not isinstance(v, bool):
-                raise ValueError(f"{name} must be a bool, got {v!r}")
-
-        number("temperature", 0.0, math.inf)
-        integer("top_k", self.top_k)
-        if self.top_k < -1:
-            raise ValueError(f"top_k must be -1 or 0 (disabled) or >= 1, got {self.top_k}")
-        number("top_p", 0.0, 1.0, lo_open=True)
-        number("min_p", 0.0, 1.0)
-        number("repetition_penalty", 0.0, math.inf, lo_open=True)
-        number("presence_penalty", -2.0, 2.0)
-        number("frequency_penalty", -2.0, 2.0)
-        integer("seed", self.seed, allow_none=True)
-        if self.seed is not None and not (-(2**63) <= self.seed < 2**64):
-            raise ValueError(f"seed must be in [-2**63, 2**64), got {self.seed}")
-        integer("max_tokens", self.max_tokens, allow_none=True)
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        integer("min_tokens", self.min_tokens)
-        if self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be >= 0, got {self.min_tokens}")
+        # Rules that need no model; `engine.validation.check_request` adds the vocabulary and context ones.
+        self.temperature = check_float("temperature", self.temperature, 0.0)
+        check_int("top_k", self.top_k, -1, INT32_END)
+        self.top_p = check_float("top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        self.min_p = check_float("min_p", self.min_p, 0.0, 1.0)
+        self.repetition_penalty = check_float("repetition_penalty", self.repetition_penalty, 0.0, lo_open=True)
+        self.presence_penalty = check_float("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        self.frequency_penalty = check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        check_int("seed", self.seed, SEED_MIN, SEED_END, allow_none=True)
+        check_int("max_tokens", self.max_tokens, 1, allow_none=True)
+        check_int("min_tokens", self.min_tokens, 0)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(f"min_tokens must be <= max_tokens ({self.max_tokens}), got {self.min_tokens}")
-
-        stop = self.stop
-        if stop is None:
-            stop = []
-        elif isinstance(stop, str):
-            stop = [stop]
-        elif isinstance(stop, (list, tuple)):
-            stop = list(stop)
-        else:
-            raise ValueError(f"stop must be a string, a list of strings or None, got {type(stop).__name__}")
-        for s in stop:
-            if not isinstance(s, str):
-                raise ValueError(f"stop must contain only strings, got {s!r}")
+            raise RequestError("min_tokens", f"min_tokens must be <= max_tokens ({self.max_tokens}), "
+                                             f"got {self.min_tokens}")
+        self.stop = _str_list("stop", self.stop)
+        for i, s in enumerate(self.stop):
+            check_text(f"stop[{i}]", s)
             if not s:
-                raise ValueError("stop strings must be non-empty, got ''")
-        self.stop = stop
-
+                raise RequestError(f"stop[{i}]", "stop strings must be non-empty, got ''")
         ids = self.stop_token_ids
-        if ids is None:
-            ids = []
-        elif isinstance(ids, (list, tuple)):
-            ids = list(ids)
-        else:
-            raise ValueError(f"stop_token_ids must be a list of ints or None, got {type(ids).__name__}")
-        for t in ids:
-            if not _is_int(t) or t < 0:
-                raise ValueError(f"stop_token_ids must contain only non-negative ints, got {t!r}")
-        self.stop_token_ids = ids
-
-        boolean("ignore_eos")
-        boolean("skip_special_tokens")
-        integer("logprobs", self.logprobs, allow_none=True)
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if ids is not None and not isinstance(ids, (list, tuple)):
+            raise RequestError("stop_token_ids", f"stop_token_ids must be a list of ints or None, "
+                                                 f"got {type(ids).__name__}")
+        self.stop_token_ids = [check_int(f"stop_token_ids[{i}]", t, 0) for i, t in enumerate(ids or ())]
+        check_bool("ignore_eos", self.ignore_eos)
+        check_bool("skip_special_tokens", self.skip_special_tokens)
+        check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS + 1, allow_none=True)
 
     @property
     def is_greedy(self) -> bool:
@@ -387,6 +344,7 @@ def process_logits(
         )
         if sub is not x:
             x[pen_rows] = sub
+        x.clamp_(max=FLOAT32_MAX)  # a tiny repetition penalty can overflow a logit to inf: softmax would give NaN
     if not filters:
         return x
     rows = [i for i, p in enumerate(params) if not p.is_greedy]
@@ -402,7 +360,7 @@ def process_logits(
 def _filter(x: torch.Tensor, ps: Sequence[SamplingParams]) -> torch.Tensor:
     """Temperature -> top_k -> top_p -> min_p, in place, for non-greedy rows `x` [n, V]."""
     if any(p.temperature != 1.0 for p in ps):
-        apply_temperature(x, _row_tensor([p.temperature for p in ps], x, torch.float32))
+        apply_temperature(x, _row_tensor([p.temperature for p in ps], x, torch.float32)).clamp_(max=FLOAT32_MAX)
     use_k = any(p.top_k > 0 for p in ps)
     use_p = any(p.top_p < 1.0 for p in ps)
     if use_k or use_p:

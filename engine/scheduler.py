@@ -61,10 +61,8 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             # A request that wants its prompt's full attention matrix computes every prompt token.
-            if not seq.block_table.blocks and not (seq.capture is not None and seq.capture.prefill_matrix):
-                reused = self.blocks.match_prefix(seq.block_table, seq.token_ids)
-                if not seq.output_ids:
-                    seq.num_cached_prompt_tokens = reused
+            lookup = not seq.block_table.blocks and not (seq.capture is not None and seq.capture.prefill_matrix)
+            reused = self.blocks.match_prefix(seq.block_table, seq.token_ids) if lookup else 0
             need = self.blocks.blocks_needed(seq.num_tokens) - len(seq.block_table.blocks)
             if not self.blocks.can_allocate(need):
                 # Never wait while holding prefix-cache blocks: waiting sequences that each hold some
@@ -74,6 +72,11 @@ class Scheduler:
             n = min(seq.num_tokens - seq.num_computed, budget)
             self.blocks.reserve(seq.block_table, seq.num_computed + n)
             self.waiting.popleft()
+            if not seq.admitted:  # counted once: a request that waits re-matches every step, a preempted one too
+                seq.admitted = True
+                seq.num_cached_prompt_tokens = reused
+                if lookup:
+                    self.blocks.record_prefix_lookup(seq.num_tokens, reused)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             work.append(ScheduledSeq(seq, n))

@@ -31,6 +31,7 @@ class Sequence:
     generator: torch.Generator | None = None
     finish_reason: str | None = None
     num_cached_prompt_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
+    admitted: bool = False  # the scheduler has admitted it once (a preempted sequence is admitted again)
 
     @property
     def num_tokens(self) -> int:

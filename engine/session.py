@@ -13,6 +13,7 @@ from engine.runner import ModelRunner, ScheduledSeq
 from engine.sampling import Sampler, SamplingParams, make_generator
 from engine.sequence import Sequence, SequenceIds
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from engine.validation import check_length, check_token_ids
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=None)
 
@@ -83,14 +84,10 @@ class Session:
 
         All of them run in one forward pass (a prefill chunk), not one pass per token.
         """
-        token_ids = [int(t) for t in token_ids]
+        token_ids = check_token_ids("token_ids", token_ids, self.runner.model.config.vocab_size)
         if not token_ids:
             return []
         self._check_open(len(token_ids))
-        vocab = self.runner.model.config.vocab_size
-        bad = next((t for t in token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"forced token id {bad} is outside the vocabulary (size {vocab})")
         logits, sink = self._run(token_ids[:-1], num_logits=len(token_ids))
         self.seq.token_ids.append(token_ids[-1])
         first = self.seq.num_tokens - len(token_ids)
@@ -155,11 +152,7 @@ class Session:
     def _check_open(self, new_tokens: int) -> None:
         if self.closed:
             raise RuntimeError("session is closed")
-        if self.seq.num_tokens + new_tokens > self.max_model_len:
-            raise ValueError(
-                f"session would hold {self.seq.num_tokens + new_tokens} tokens, more than the context length "
-                f"({self.max_model_len})"
-            )
+        check_length("token_ids", self.seq.num_tokens + new_tokens, self.max_model_len, "the session")
 
     def _run(self, extra: list[int], num_logits: int):
         """Append `extra`, compute every uncomputed token; logits of the last `num_logits` positions."""

@@ -140,9 +140,18 @@ class StopChecker:
         return None if best is None else (best[0], best[2])
 
     def _partial_suffix_len(self, text: str) -> int:
-        """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
-        for k in range(min(self._max_stop - 1, len(text)), 0, -1):
-            tail = text[-k:]
-            if any(len(s) > k and s.startswith(tail) for s in self.stop_strings):
-                return k
-        return 0
+        """Length of the longest suffix of `text` that is a proper prefix of some stop string.
+
+        Per stop string, only suffixes starting at an occurrence of its first character are tried,
+        longest first: typically one or two comparisons per string and token, not one per length."""
+        window = text[len(text) - min(self._max_stop - 1, len(text)):]
+        best = 0
+        for s in self.stop_strings:
+            start = window.find(s[0], 0, len(window) - best)
+            while start >= 0:
+                k = len(window) - start
+                if k < len(s) and s.startswith(window[start:]):
+                    best = k
+                    break
+                start = window.find(s[0], start + 1, len(window) - best)
+        return best

@@ -271,7 +271,8 @@ def test_prefix_cache_reuses_same_prefix_blocks():
     assert reused == 8 and b.num_cached_tokens == 8
     assert b.blocks == a.blocks[:2]
     assert all(bm.allocator.ref_counts[x] == 2 for x in a.blocks[:2])
-    assert bm.prefix_hits == 2
+    bm.record_prefix_lookup(len(toks) + 1, reused)
+    assert (bm.prefix_queries, bm.prefix_hits) == (2, 2)
     assert torch.equal(read_k(bm, b, 0, 8), data)
     # Nothing is reused for a different first block, even when the second block's tokens match:
     c = BlockTable()
