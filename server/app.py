@@ -20,6 +20,7 @@ from server.engine_loop import EngineLoop
 from server.errors import install_handlers
 from server.metrics import Metrics
 from server.middleware import GuardMiddleware
+from server.openapi import install_openapi
 from server.settings import ServerSettings
 from server.state import ServerState, server_state
 
@@ -52,6 +53,7 @@ def create_app(llm: LLM, settings: ServerSettings | None = None) -> FastAPI:
     app.state.kvmini = state
 
     def on_rejected(path: str, status: int) -> None:
+        state.metrics.errors[str(status)] += 1
         if path in GENERATION_PATHS:
             state.metrics.requests["rejected"] += 1
 
@@ -70,4 +72,5 @@ def create_app(llm: LLM, settings: ServerSettings | None = None) -> FastAPI:
         stats = st.engine_loop.stats if st.engine_loop is not None else llm.engine.stats()
         return PlainTextResponse(st.metrics.render(stats), media_type=PROMETHEUS_CONTENT_TYPE)
 
+    install_openapi(app, state)  # /openapi.json tells the real statuses, streams and limits (server/openapi.py)
     return app

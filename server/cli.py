@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import re
+import signal
+from collections.abc import Callable
+from types import FrameType
+
+import uvicorn
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -23,9 +29,8 @@ def parse_size(text: str) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     """Run the server until interrupted. `args` as `kvmini serve` parses them (engine/cli.py); optional
-    extras: max_waiting_requests, served_model_name, log_level."""
-    import uvicorn
-
+    extras: max_waiting_requests, served_model_name, log_level. SIGTERM drains (see `DrainingServer`)
+    and exits 0."""
     import torch
 
     from engine.cli import load_llm
@@ -38,6 +43,9 @@ def serve(args: argparse.Namespace) -> int:
         api_key=api_key,
         max_waiting_requests=getattr(args, "max_waiting_requests", 256),
         model_name=getattr(args, "served_model_name", None),
+        max_stop_strings=args.max_stop_strings,
+        max_stop_length=args.max_stop_length,
+        shutdown_timeout=args.shutdown_timeout,
     )
     kv_bytes = args.kv_cache_memory
     if isinstance(kv_bytes, str):
@@ -55,5 +63,33 @@ def serve(args: argparse.Namespace) -> int:
           f"({int(stats['kv_blocks_total'])} KV blocks of {llm.blocks.block_size} tokens; "
           f"{str(llm.engine_config.dtype).removeprefix('torch.')}, linear layers: {describe(llm.model)}; "
           f"{torch.get_num_threads()} threads{', API key required' if api_key else ''})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=getattr(args, "log_level", "info"))
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=getattr(args, "log_level", "info"),
+                            timeout_graceful_shutdown=settings.shutdown_timeout + SHUTDOWN_GRACE_S)
+    server = DrainingServer(config, drain=lambda: app.state.kvmini.loop().drain(settings.shutdown_timeout))
+    # uvicorn re-raises the signal it stopped on once it is done; handled here, SIGTERM then means exit 0.
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+# After the shutdown timeout has ended the last streams, how long uvicorn still waits for them to close.
+SHUTDOWN_GRACE_S = 5.0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, whose first SIGTERM/SIGINT also starts the engine loop's drain: uvicorn stops
+    accepting connections and waits for the open ones, the loop refuses new requests and ends what still
+    runs after the shutdown timeout with a final error event (uvicorn alone would wait forever)."""
+
+    def __init__(self, config: uvicorn.Config, drain: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._drain = drain
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        first = not self.should_exit
+        super().handle_exit(sig, frame)
+        if first:  # a signal handler runs between bytecodes of the loop's thread: schedule, don't run here
+            asyncio.get_event_loop().call_soon_threadsafe(self._drain)

@@ -13,8 +13,13 @@ event loop in one `call_soon_threadsafe`. The asyncio side never touches the eng
     handler reads group.next() ... finally group.close(): unfinished members are aborted on the
                    engine thread before its next step (client gone, error, cancellation).
 
-If `step()` raises, the loop logs it, aborts the requests the failed step was running (their state
-may be half-updated), hands each of their groups an error event, and keeps serving the others.
+A request the engine ends on its own (finish_reason "error": `LLMEngine.step` ran the failed step's
+sequences one by one and only this one failed) gets an error event; the others stream on. If `step()`
+itself raises (outside any one request), the loop aborts the requests that step was running, hands
+each of their groups an error event, and keeps serving the rest.
+
+Shutdown (`drain`, on SIGTERM): new requests get 503, running ones have `--shutdown-timeout` seconds
+to finish, then `end_all` gives each remaining stream a final error event and aborts it.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.attention import AttentionCapture
-from engine.errors import CacheFullError
+from engine.errors import RequestError
 from engine.llm import LLM
 from engine.outputs import RequestOutput
 from engine.sampling import SamplingParams
@@ -123,6 +128,7 @@ class EngineLoop:
         self._prefix = uuid.uuid4().hex[:8]
         self._ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.draining = False  # shutting down: new requests are refused
 
     # ---- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -130,12 +136,26 @@ class EngineLoop:
         self._thread.start()
 
     async def stop(self) -> None:
-        for group, member in list(self._members.values()):
-            group.queue.put_nowait(("error", member, "the server is shutting down"))  # ends its stream
-            group.close()  # queues an abort for each of this loop's unfinished requests
-        self._members.clear()
+        self.end_all("the server is shutting down")
         self._commands.put(None)  # after the queued aborts: the thread runs them, then exits
         await asyncio.to_thread(self._thread.join)
+
+    def drain(self, timeout: float) -> None:
+        """Refuse new requests (503) and give the running ones `timeout` seconds to finish; then end the
+        rest with a final error event. Call on the event loop (e.g. on SIGTERM)."""
+        if self.draining:
+            return
+        self.draining = True
+        asyncio.get_running_loop().call_later(timeout, self.end_all,
+                                              f"the server is shutting down (not finished after {timeout:g} s)")
+
+    def end_all(self, message: str) -> None:
+        """End every unfinished request now: each stream gets an error event, each request is aborted."""
+        for group, member in list(self._members.values()):
+            group.queue.put_nowait(("error", member, message))  # ends its stream
+            group.close()  # queues an abort for each of this loop's unfinished requests
+            self.metrics.errors["shutdown"] += 1
+        self._members.clear()
 
     # ---- what handlers use ------------------------------------------------------------------------
     @property
@@ -147,10 +167,11 @@ class EngineLoop:
         """Requests accepted but not admitted by the scheduler yet."""
         return self._pending + int(self._stats.get("waiting", 0))
 
-    async def submit(self, subs: list[Submission], arrival: float | None = None,
-                     prompt_param: str = "prompt") -> RequestGroup:
-        """Add one engine request per submission; 429 if the queue is full, 400 if the engine refuses
-        (`prompt_param` names the prompt field in that error)."""
+    async def submit(self, subs: list[Submission], arrival: float | None = None) -> RequestGroup:
+        """Add one engine request per submission; 429 if the queue is full, 503 while shutting down,
+        the engine's `RequestError` if it refuses one (then none is added)."""
+        if self.draining:
+            raise APIError(503, "the server is shutting down", code="shutting_down")
         if self.queued() + len(subs) > self.max_waiting_requests:
             raise APIError(
                 429,
@@ -168,11 +189,11 @@ class EngineLoop:
         self._pending += len(subs)
         try:
             await asyncio.wrap_future(self._post(self._add_all, specs))
-        except (ValueError, CacheFullError) as e:
+        except RequestError:
             for m in group.members:
                 self._members.pop(m.request_id, None)
                 m.failed = True
-            raise _add_error(e, prompt_param) from None
+            raise
         except BaseException:
             group.close()  # cancelled while adding: whatever got added is aborted right after
             raise
@@ -209,13 +230,17 @@ class EngineLoop:
                 else:
                     m.itl.observe(now - member.last_token_time)
                 member.last_token_time = now
+            if out.finish_reason == "error":  # the engine ended this request alone; its stream gets the error
+                self._deliver_errors([out.request_id], f"the engine failed while running this request: {out.error}",
+                                     out.error.split(":", 1)[0])
+                continue
             if out.finished:
                 member.finished = True
                 del self._members[out.request_id]
                 m.requests["finished"] += 1
             group.queue.put_nowait(("output", member, out))
 
-    def _deliver_errors(self, request_ids: list[str], message: str) -> None:
+    def _deliver_errors(self, request_ids: list[str], message: str, kind: str) -> None:
         for rid in request_ids:
             entry = self._members.pop(rid, None)
             if entry is None:
@@ -223,6 +248,7 @@ class EngineLoop:
             group, member = entry
             member.failed = True
             self.metrics.requests["error"] += 1
+            self.metrics.errors[f"engine:{kind}"] += 1
             group.queue.put_nowait(("error", member, message))
 
     def _abort_soon(self, request_id: str, outcome: str) -> None:
@@ -250,7 +276,7 @@ class EngineLoop:
                 log.exception("engine step failed")
                 failed = self._fail_running()
                 message = f"the engine failed while running this request: {type(e).__name__}: {e}"
-                self._loop.call_soon_threadsafe(self._deliver_errors, failed, message)
+                self._loop.call_soon_threadsafe(self._deliver_errors, failed, message, type(e).__name__)
                 continue
             if outputs:
                 self._loop.call_soon_threadsafe(self._dispatch, outputs)
@@ -326,11 +352,3 @@ class Command:
             self.future.set_result(self.fn(*self.args))
         except BaseException as e:  # handed to whoever waits on the future
             self.future.set_exception(e)
-
-
-def _add_error(e: Exception, prompt_param: str) -> APIError:
-    if isinstance(e, CacheFullError):
-        return APIError(400, str(e), param="max_tokens", code="request_too_large")
-    message = str(e)
-    param = "max_tokens" if "max_tokens" in message else ("attention" if "capture" in message else prompt_param)
-    return APIError(400, message, param=param)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections import Counter
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
@@ -44,6 +45,9 @@ class Metrics:
         self.generation_tokens = 0
         self.ttft = Histogram(TTFT_BUCKETS)
         self.itl = Histogram(ITL_BUCKETS)
+        # Errors by kind: "400", "401", "413", "429", ... (HTTP answers), "engine:<Exception>" (a request
+        # the engine ended), "shutdown" (ended by the shutdown timeout).
+        self.errors: Counter[str] = Counter()
 
     def render(self, stats: dict[str, float]) -> str:
         lines: list[str] = []
@@ -54,6 +58,12 @@ class Metrics:
         block("kvmini_requests_total", "counter",
               "Requests by outcome (finished/aborted/error per engine request; rejected per HTTP request).",
               [f'kvmini_requests_total{{status="{s}"}} {n}' for s, n in self.requests.items()])
+        block("kvmini_errors_total", "counter",
+              "Errors by kind: HTTP status of refused requests, engine:<exception> for a request the engine "
+              "ended, shutdown for requests cut by the shutdown timeout.",
+              [f'kvmini_errors_total{{kind="{k}"}} {n}' for k, n in sorted(self.errors.items())])
+        block("kvmini_preemptions_total", "counter", "Running requests preempted (recomputed later) for KV blocks.",
+              [f"kvmini_preemptions_total {_num(stats.get('preemptions', 0))}"])
         block("kvmini_prompt_tokens_total", "counter", "Prompt tokens of requests admitted to the engine.",
               [f"kvmini_prompt_tokens_total {self.prompt_tokens}"])
         block("kvmini_generation_tokens_total", "counter", "Generated tokens.",

@@ -25,20 +25,23 @@ import time
 import uuid
 
 from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
 
 from engine.outputs import AttentionRows, RequestOutput
+from engine.validation import check_text, check_token_ids
 from server.engine_loop import EngineStepError, Submission
 from server.errors import APIError, error_body
 from server.params import (
     attention_capture,
     chat_prompt_ids,
     check_model,
+    max_tokens_for,
     prompt_ids,
-    resolve_max_tokens,
-    sampling_params,
+    request_errors,
+    submissions,
 )
 from server.protocol import DetokenizeRequest, GenerateRequest, TokenizeRequest
-from server.state import server_state
+from server.state import ServerState, server_state
 from server.streaming import collect, finite, ndjson, sse, stream_response
 
 router = APIRouter()
@@ -52,6 +55,21 @@ def _one_prompt(llm, body) -> tuple[list[int], str]:
     if body.prompt is not None:
         return prompt_ids(llm, body.prompt), "prompt"
     return chat_prompt_ids(llm, body.messages), "messages"
+
+
+def _generate_inputs(state: ServerState, body: GenerateRequest) -> tuple[list[int], Submission, dict]:
+    llm = state.llm
+    check_model(body.model, state.model_name)
+    ids, prompt_param = _one_prompt(llm, body)
+    requested = body.max_tokens if body.max_tokens is not None else GENERATE_DEFAULT_MAX_TOKENS
+    max_tokens = max_tokens_for(llm, len(ids), requested, prompt_param=prompt_param)
+    capture = attention_capture(body.attention, llm, state.settings, len(ids), max_tokens) if body.attention else None
+    # The chosen token's logprob is always reported; top alternatives only when asked.
+    logprobs = body.logprobs if body.logprobs is not None else 0
+    renames = {"prompt": prompt_param}
+    [sub] = submissions(llm, state.settings, body, ids, n=1, max_tokens=max_tokens, logprobs=logprobs,
+                        renames=renames, capture=capture)
+    return ids, sub, renames
 
 
 def attention_json(rows: AttentionRows, all_ids: list[int], top_k: int | None) -> dict:
@@ -79,16 +97,10 @@ async def generate(body: GenerateRequest, request: Request):
     state = server_state(request)
     arrival = time.monotonic()
     llm = state.llm
-    check_model(body.model, state.model_name)
-    ids, prompt_param = _one_prompt(llm, body)
-    requested = body.max_tokens if body.max_tokens is not None else GENERATE_DEFAULT_MAX_TOKENS
-    max_tokens = resolve_max_tokens(llm, len(ids), requested, prompt_param=prompt_param)
-    capture = attention_capture(body.attention, llm, state.settings, len(ids), max_tokens) if body.attention else None
+    ids, sub, renames = await run_in_threadpool(_generate_inputs, state, body)  # off the event loop
+    with request_errors(renames):
+        group = await state.loop().submit([sub], arrival)
     top_k = body.attention.top_k if body.attention else None
-    # The chosen token's logprob is always reported; top alternatives only when asked.
-    params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs if body.logprobs is not None else 0,
-                             seed=body.seed)
-    group = await state.loop().submit([Submission(ids, params, capture)], arrival, prompt_param=prompt_param)
     want_top = body.logprobs is not None
     tokenizer = llm.tokenizer
     request_id = f"gen-{uuid.uuid4().hex}"
@@ -145,16 +157,21 @@ async def generate(body: GenerateRequest, request: Request):
     return stream_response(stream(), group, media)
 
 
-@router.post("/tokenize")
-async def tokenize(body: TokenizeRequest, request: Request):
-    state = server_state(request)
+def _tokenize(state: ServerState, body: TokenizeRequest) -> list[int]:
     check_model(body.model, state.model_name)
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
     if body.prompt is not None:
-        tokens = state.llm.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
-    else:
-        tokens = chat_prompt_ids(state.llm, body.messages)
+        with request_errors():
+            return state.llm.tokenizer.encode(check_text("prompt", body.prompt),
+                                              add_special_tokens=body.add_special_tokens)
+    return chat_prompt_ids(state.llm, body.messages)
+
+
+@router.post("/tokenize")
+async def tokenize(body: TokenizeRequest, request: Request):
+    state = server_state(request)
+    tokens = await run_in_threadpool(_tokenize, state, body)
     return {"tokens": tokens, "count": len(tokens), "max_model_len": state.llm.max_model_len}
 
 
@@ -162,8 +179,7 @@ async def tokenize(body: TokenizeRequest, request: Request):
 async def detokenize(body: DetokenizeRequest, request: Request):
     state = server_state(request)
     check_model(body.model, state.model_name)
-    vocab = state.llm.config.vocab_size
-    bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise APIError(400, f"token id {bad} is outside the vocabulary (size {vocab})", param="tokens")
-    return {"prompt": state.llm.tokenizer.decode(body.tokens, skip_special_tokens=body.skip_special_tokens)}
+    with request_errors():
+        tokens = check_token_ids("tokens", body.tokens, state.llm.config.vocab_size)
+    text = await run_in_threadpool(state.llm.tokenizer.decode, tokens, body.skip_special_tokens)
+    return {"prompt": text}

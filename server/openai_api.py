@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
 
 from engine.outputs import RequestOutput, TokenLogprob
 from server.engine_loop import EngineStepError, Submission
@@ -16,10 +17,10 @@ from server.params import (
     chat_prompt_ids,
     check_model,
     check_n,
-    choice_seed,
+    max_tokens_for,
     prompt_ids,
-    resolve_max_tokens,
-    sampling_params,
+    request_errors,
+    submissions,
 )
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.state import ServerState, server_state
@@ -90,21 +91,23 @@ def chat_logprobs(lps: list[TokenLogprob], tok: _Tokens) -> dict:
 # ---- /v1/completions -----------------------------------------------------------------------------------
 
 
-@router.post("/v1/completions")
-async def completions(body: CompletionRequest, request: Request):
-    state = server_state(request)
-    arrival = time.monotonic()
+def _completion_inputs(state: ServerState, body: CompletionRequest) -> tuple[list[int], list[Submission]]:
     check_model(body.model, state.model_name)
     check_n(body.n, state.settings)
     ids = prompt_ids(state.llm, body.prompt)
     requested = body.max_tokens if body.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
-    max_tokens = resolve_max_tokens(state.llm, len(ids), requested, prompt_param="prompt")
-    subs = [
-        Submission(ids, sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs,
-                                        seed=choice_seed(body.seed, i)))
-        for i in range(body.n)
-    ]
-    group = await state.loop().submit(subs, arrival, prompt_param="prompt")
+    max_tokens = max_tokens_for(state.llm, len(ids), requested, prompt_param="prompt")
+    return ids, submissions(state.llm, state.settings, body, ids, n=body.n, max_tokens=max_tokens,
+                            logprobs=body.logprobs)
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+    state = server_state(request)
+    arrival = time.monotonic()
+    ids, subs = await run_in_threadpool(_completion_inputs, state, body)  # tokenising stays off the event loop
+    with request_errors():
+        group = await state.loop().submit(subs, arrival)
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": state.model_name}
     tok = _Tokens(state)
@@ -144,26 +147,29 @@ async def completions(body: CompletionRequest, request: Request):
 # ---- /v1/chat/completions ------------------------------------------------------------------------------
 
 
+def _chat_inputs(state: ServerState, body: ChatCompletionRequest) -> tuple[list[int], list[Submission], dict]:
+    check_model(body.model, state.model_name)
+    check_n(body.n, state.settings)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+    ids = chat_prompt_ids(state.llm, body.messages)
+    mt_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    max_tokens = max_tokens_for(state.llm, len(ids), requested, prompt_param="messages", max_tokens_param=mt_param)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    renames = {"max_tokens": mt_param, "logprobs": "top_logprobs", "prompt": "messages"}
+    subs = submissions(state.llm, state.settings, body, ids, n=body.n, max_tokens=max_tokens, logprobs=logprobs,
+                       renames=renames)
+    return ids, subs, renames
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = server_state(request)
     arrival = time.monotonic()
-    check_model(body.model, state.model_name)
-    check_n(body.n, state.settings)
-    ids = chat_prompt_ids(state.llm, body.messages)
-    mt_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    max_tokens = resolve_max_tokens(state.llm, len(ids), requested, prompt_param="messages", max_tokens_param=mt_param)
-    if body.top_logprobs is not None and not body.logprobs:
-        raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-    logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    renames = {"max_tokens": mt_param, "logprobs": "top_logprobs"}
-    subs = [
-        Submission(ids, sampling_params(body, max_tokens=max_tokens, logprobs=logprobs,
-                                        seed=choice_seed(body.seed, i), renames=renames))
-        for i in range(body.n)
-    ]
-    group = await state.loop().submit(subs, arrival, prompt_param="messages")
+    ids, subs, renames = await run_in_threadpool(_chat_inputs, state, body)
+    with request_errors(renames):
+        group = await state.loop().submit(subs, arrival)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     tok = _Tokens(state)
     choices = [Choice() for _ in range(body.n)]

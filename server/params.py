@@ -1,13 +1,9 @@
 """From request bodies to engine inputs: prompt token ids, `SamplingParams`, `AttentionCapture`.
 
-Every problem becomes an `APIError(400, ..., param=<the request field>)`.
-
-Context rules (checked here so the error names the right field):
-  * prompt tokens > max_model_len                -> 400, param prompt/messages, code context_length_exceeded
-  * prompt + max_tokens > max_model_len          -> 400, param max_tokens,      code context_length_exceeded
-  * prompt + max_tokens needs more KV blocks than the whole pool has -> 400 (the engine's CacheFullError)
-  * max_tokens omitted (chat): up to the context length, but never more than the KV pool can hold
-    for this one request (the pool is usually smaller than the model's context).
+The rules are the engine's (engine/validation.py: token ids, numbers, text, the context and KV-pool
+rules); here an engine `RequestError` becomes `APIError(400, ..., param=<this route's field>)`, so
+chat's `max_completion_tokens` and `messages` are named as the client wrote them. Per-server caps
+(`n`, stop strings, attention size) are checked here.
 
 Attention size rule (`attention_values`): a request streams, per generated token and per captured
 layer x head, one row over the whole context (full rows) or its top_k entries. Over a request of
@@ -22,11 +18,24 @@ Layers/heads omitted mean all of them, so full rows over every layer and head on
 
 from __future__ import annotations
 
-import jinja2
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from engine.attention import AttentionCapture
+from engine.errors import RequestError
 from engine.llm import LLM
-from engine.sampling import MAX_LOGPROBS, SamplingParams
+from engine.sampling import SamplingParams
+from engine.validation import (
+    SEED_END,
+    SEED_MIN,
+    check_int,
+    check_request,
+    check_stop_limits,
+    prompt_token_ids,
+    resolve_max_tokens,
+)
+from server.engine_loop import Submission
 from server.errors import APIError
 from server.protocol import AttentionRequest, ChatMessage, SamplingFields
 from server.settings import ServerSettings
@@ -37,6 +46,27 @@ SAMPLING_FIELDS = (
 )
 
 
+def api_error(e: RequestError, renames: dict[str, str] | None = None) -> APIError:
+    """The 400 for an engine `RequestError`, its field renamed to what this route calls it
+    (`max_tokens` -> `max_completion_tokens`, `prompt` -> `messages`, ...)."""
+    param, message = e.param, e.message
+    if param is not None and renames:
+        head = re.match(r"\w*", param).group(0)  # "stop_token_ids[2]" -> "stop_token_ids"
+        if head in renames:
+            param = renames[head] + param[len(head):]
+            message = message.replace(e.param, param)
+    return APIError(400, message, param=param, code=e.code)
+
+
+@contextmanager
+def request_errors(renames: dict[str, str] | None = None) -> Iterator[None]:
+    """Turn the engine's `RequestError` into a 400 naming the route's field."""
+    try:
+        yield
+    except RequestError as e:
+        raise api_error(e, renames) from None
+
+
 def check_model(name: str | None, served: str) -> None:
     if name is not None and name != served:
         raise APIError(404, f"the model {name!r} does not exist; this server serves {served!r}",
@@ -44,12 +74,8 @@ def check_model(name: str | None, served: str) -> None:
 
 
 def chat_prompt_ids(llm: LLM, messages: list[ChatMessage], param: str = "messages") -> list[int]:
-    if not messages:
-        raise APIError(400, "messages must contain at least one message", param=param)
-    try:
+    with request_errors({"messages": param}):
         return llm.chat_prompt([m.template_dict() for m in messages])
-    except (ValueError, jinja2.TemplateError) as e:
-        raise APIError(400, f"cannot apply the chat template: {e}", param=param) from None
 
 
 def prompt_ids(llm: LLM, prompt: str | list, param: str = "prompt") -> list[int]:
@@ -58,68 +84,44 @@ def prompt_ids(llm: LLM, prompt: str | list, param: str = "prompt") -> list[int]
         if len(prompt) != 1:
             raise APIError(400, f"only one prompt per request is supported, got {len(prompt)}", param=param)
         prompt = prompt[0]
-    if isinstance(prompt, str):
-        ids = llm.tokenizer.encode(prompt)
-    else:
-        ids = list(prompt)
-        vocab = llm.config.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise APIError(400, f"token id {bad} is outside the vocabulary (size {vocab})", param=param)
+    with request_errors({"prompt": param}):
+        ids = prompt_token_ids(prompt, llm.tokenizer, llm.config.vocab_size, "prompt")
     if not ids:
         raise APIError(400, "prompt is empty: give at least one token", param=param)
     return ids
 
 
-def pool_tokens(llm: LLM) -> int:
-    """Tokens the whole KV pool can hold."""
-    return llm.blocks.allocator.num_blocks * llm.blocks.block_size
+def max_tokens_for(llm: LLM, num_prompt: int, max_tokens: int | None, *, prompt_param: str,
+                   max_tokens_param: str = "max_tokens") -> int:
+    """The context rules (engine/validation.py `resolve_max_tokens`), errors naming this route's fields."""
+    with request_errors({"prompt": prompt_param, "max_tokens": max_tokens_param}):
+        return resolve_max_tokens(num_prompt, max_tokens, llm.engine.limits, prompt_param="prompt",
+                                  max_tokens_param="max_tokens")
 
 
-def resolve_max_tokens(llm: LLM, num_prompt: int, max_tokens: int | None, *, prompt_param: str,
-                       max_tokens_param: str = "max_tokens") -> int:
-    """Check the context rules (module docstring) and return the max_tokens to run with."""
-    limit = llm.max_model_len
-    if num_prompt > limit:
-        raise APIError(400, f"the prompt has {num_prompt} tokens, more than the context length ({limit})",
-                       param=prompt_param, code="context_length_exceeded")
-    if max_tokens is None:
-        room = min(limit, pool_tokens(llm)) - num_prompt
-        if room < 1:
-            raise APIError(400, f"the prompt has {num_prompt} tokens: no room left to generate in the KV cache "
-                                f"({pool_tokens(llm)} tokens)", param=prompt_param, code="context_length_exceeded")
-        return room
-    if max_tokens < 1:
-        raise APIError(400, f"{max_tokens_param} must be >= 1, got {max_tokens}", param=max_tokens_param)
-    if num_prompt + max_tokens > limit:
-        raise APIError(
-            400,
-            f"prompt ({num_prompt} tokens) + {max_tokens_param} ({max_tokens}) = {num_prompt + max_tokens} tokens "
-            f"is more than the context length ({limit})",
-            param=max_tokens_param, code="context_length_exceeded",
-        )
-    return max_tokens
-
-
-def sampling_params(body: SamplingFields, *, max_tokens: int, logprobs: int | None, seed: int | None,
-                    renames: dict[str, str] | None = None) -> SamplingParams:
-    """`SamplingParams` from the body's sampling fields; a ValueError becomes 400 naming the field."""
+def sampling_params(body: SamplingFields, settings: ServerSettings, *, max_tokens: int, logprobs: int | None,
+                    seed: int | None, renames: dict[str, str] | None = None) -> SamplingParams:
+    """`SamplingParams` from the body's sampling fields; a bad value becomes a 400 naming the field."""
     kwargs = {name: getattr(body, name) for name in SAMPLING_FIELDS if getattr(body, name) is not None}
     kwargs.update(max_tokens=max_tokens, logprobs=logprobs, seed=seed)
-    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
-        name = (renames or {}).get("logprobs", "logprobs")
-        raise APIError(400, f"{name} must be in [0, {MAX_LOGPROBS}], got {logprobs}", param=name)
-    try:
-        return SamplingParams(**kwargs)
-    except ValueError as e:
-        raise APIError(400, str(e), param=_field_of(str(e), renames)) from None
+    with request_errors(renames):
+        params = SamplingParams(**kwargs)
+        check_stop_limits(params.stop, settings.max_stop_strings, settings.max_stop_length)
+    return params
 
 
-def _field_of(message: str, renames: dict[str, str] | None) -> str | None:
-    first = message.split(" ", 1)[0]
-    if first in SAMPLING_FIELDS or first in ("max_tokens", "logprobs"):
-        return (renames or {}).get(first, first)
-    return None
+def submissions(llm: LLM, settings: ServerSettings, body: SamplingFields, ids: list[int], *, n: int,
+                max_tokens: int, logprobs: int | None, renames: dict[str, str] | None = None,
+                capture: AttentionCapture | None = None) -> list[Submission]:
+    """One engine request per choice, each checked against every rule the engine applies, so the
+    engine thread never sees a request it will refuse."""
+    subs = []
+    for seed in choice_seeds(body.seed, n):
+        params = sampling_params(body, settings, max_tokens=max_tokens, logprobs=logprobs, seed=seed, renames=renames)
+        with request_errors(renames):
+            check_request(ids, params, llm.engine.limits)
+        subs.append(Submission(ids, params, capture))
+    return subs
 
 
 def check_n(n: int, settings: ServerSettings) -> None:
@@ -127,12 +129,15 @@ def check_n(n: int, settings: ServerSettings) -> None:
         raise APIError(400, f"n must be in [1, {settings.max_n}], got {n}", param="n")
 
 
-def choice_seed(seed: int | None, i: int) -> int | None:
-    """Choice i of n runs with seed + i, so seeded choices differ but stay reproducible."""
+def choice_seeds(seed: int | None, n: int) -> list[int | None]:
+    """Choice i of n runs with seed + i (wrapping within torch's seed range), so seeded choices differ
+    but stay reproducible. The request's seed itself is checked first: 2**64 is refused, not wrapped."""
+    with request_errors():
+        check_int("seed", seed, SEED_MIN, SEED_END, allow_none=True)
     if seed is None:
-        return None
-    s = seed + i
-    return s if s < 2**64 else s - 2**64  # keep within the engine's seed range
+        return [None] * n
+    span = SEED_END - SEED_MIN
+    return [(seed + i - SEED_MIN) % span + SEED_MIN for i in range(n)]
 
 
 # ---- attention ---------------------------------------------------------------------------------------

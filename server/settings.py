@@ -18,6 +18,9 @@ class ServerSettings:
     max_request_bytes: request bodies larger than this get 413.
     model_name: the id served in `/v1/models` and echoed in responses; None = the model directory's name.
     max_n: the largest `n` (choices per request).
+    max_stop_strings, max_stop_length: caps on a request's `stop` strings (each is checked against every
+        new token's text on the engine thread, so an unbounded list slows every other request).
+    shutdown_timeout: seconds running requests get to finish after SIGTERM before they are ended.
     """
 
     api_key: str | None = None
@@ -27,12 +30,18 @@ class ServerSettings:
     max_request_bytes: int = 1 << 20
     model_name: str | None = None
     max_n: int = 8
+    max_stop_strings: int = 16
+    max_stop_length: int = 256
+    shutdown_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         for name in ("max_waiting_requests",):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("max_attention_values", "max_attention_top_k", "max_request_bytes", "max_n"):
+        if not self.shutdown_timeout >= 0:
+            raise ValueError(f"shutdown_timeout must be >= 0 seconds, got {self.shutdown_timeout}")
+        for name in ("max_attention_values", "max_attention_top_k", "max_request_bytes", "max_n", "max_stop_strings",
+                     "max_stop_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.api_key is not None and not self.api_key:

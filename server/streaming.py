@@ -18,8 +18,14 @@ from server.errors import APIError
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks whether its client is still there
 
 
+# JSON leaves these raw inside strings, but they end a line for Python's str.splitlines (httpx's
+# iter_lines) and for JavaScript's line terminators: escaped, one event stays one line.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def dumps(obj) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    """Compact JSON on one line, whatever the text holds (control characters are escaped by json itself)."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).translate(_LINE_BREAKS)
 
 
 def sse(obj) -> str:

@@ -4,7 +4,6 @@ streaming, error mapping, metrics. One SmolLM2 `LLM` for the module, served by u
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 
 from engine import LLM, AttentionCapture, SamplingParams
+from live_server import LiveServer
 from server import ServerSettings, create_app
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
@@ -21,43 +21,6 @@ pytestmark = [pytest.mark.real, pytest.mark.slow]
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 PROMPT = "The capital of France is"
-
-
-class LiveServer:
-    """uvicorn serving `app` on a free 127.0.0.1 port, in a background thread."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.app = app
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> "LiveServer":
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("server did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-    @property
-    def state(self):
-        return self.app.state.kvmini
-
-    def on_engine_thread(self, fn):
-        """Run fn() on the engine thread, serialised with the server's steps."""
-        return self.state.engine_loop.run_sync(fn)
 
 
 @pytest.fixture(scope="module")
@@ -349,7 +312,7 @@ def test_bad_inputs_give_openai_errors(live, http, llm):
         ("/v1/completions", {"prompt": {"a": 1}}, 400, "prompt"),
         ("/v1/completions", {"prompt": "x", "frobnicate": True}, 400, "frobnicate"),
         ("/v1/completions", {"max_tokens": 3}, 400, "prompt"),
-        ("/v1/completions", {"prompt": [1, 2, 10**9]}, 400, "prompt"),
+        ("/v1/completions", {"prompt": [1, 2, 10**9]}, 400, "prompt[2]"),
         ("/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
         ("/v1/completions", {"prompt": [1] * (llm.max_model_len + 1), "max_tokens": 1}, 400, "prompt"),
         ("/v1/completions", {"prompt": [1] * 8000, "max_tokens": 500}, 400, "max_tokens"),
@@ -365,7 +328,7 @@ def test_bad_inputs_give_openai_errors(live, http, llm):
         ("/generate", {"prompt": "x", "max_tokens": 200, "attention": {}}, 400, "attention"),  # too large
         ("/generate", {"prompt": "x", "attention": {"heads": "all"}}, 400, "attention.heads"),
         ("/generate", {"prompt": "x", "messages": [{"role": "user", "content": "y"}]}, 400, "prompt"),
-        ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
+        ("/detokenize", {"tokens": [-1]}, 400, "tokens[0]"),
     ]
     for path, body, status, param in cases:
         err = assert_error(post(path, body), status, param)
@@ -412,33 +375,134 @@ def test_waiting_queue_full_gives_429(llm, live):
         assert metric(text, 'kvmini_requests_total{status="rejected"}') == 4
 
 
-def test_engine_failure_fails_request_and_keeps_serving(live, http, llm):
-    runner = llm.runner
-    calls = {"n": 0}
-    real_run = runner.run
+def test_a_failing_request_among_eight_streams_fails_alone(live, http, llm):
+    # The poisoned request breaks every forward pass it is part of. Batched with 8 running streams, the
+    # engine runs the step's sequences one by one, ends only the poisoned one, and the 8 give the text
+    # each gives alone.
+    prompts = [f"Tell me about the number {i}." for i in range(8)]
+    body = {"max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    alone = [http.post("/v1/completions", json={**body, "prompt": p}).json()["choices"][0]["text"] for p in prompts]
+    poison = llm.tokenizer.encode("POISON")
+    runner, real_run = llm.runner, llm.runner.run
 
-    def flaky(work):
-        calls["n"] += 1
-        if calls["n"] == 3:
+    def run(work):
+        if any(w.seq.token_ids[: len(poison)] == poison and w.seq.num_tokens > len(poison) + 2 for w in work):
             raise RuntimeError("injected failure")
         return real_run(work)
 
+    def stream(body: dict) -> list:
+        with httpx.Client(base_url=live.url, headers=AUTH, timeout=120) as c:
+            with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as resp:
+                assert resp.status_code == 200
+                return sse_events(resp.iter_lines())
+
     errors_before = metric(http.get("/metrics").text, 'kvmini_requests_total{status="error"}')
-    live.on_engine_thread(lambda: setattr(runner, "run", flaky))
+    live.on_engine_thread(lambda: setattr(runner, "run", run))
     try:
-        with http.stream("POST", "/v1/completions",
-                         json={"prompt": PROMPT, "max_tokens": 8, "temperature": 0, "stream": True}) as resp:
-            events = sse_events(resp.iter_lines())
-        errs = [e for e in events if isinstance(e, dict) and "error" in e]
-        assert len(errs) == 1 and "injected failure" in errs[0]["error"]["message"]
-        assert errs[0]["error"]["type"] == "server_error" and events[-1] == "[DONE]"
+        with ThreadPoolExecutor(9) as pool:
+            futures = [pool.submit(stream, {**body, "prompt": p}) for p in prompts]
+            time.sleep(0.5)  # the 8 are running when the poisoned one joins
+            bad = pool.submit(stream, {**body, "prompt": poison, "max_tokens": 30}).result()
+            got = [f.result() for f in futures]
     finally:
         live.on_engine_thread(lambda: vars(runner).pop("run", None))
+    errs = [e for e in bad if isinstance(e, dict) and "error" in e]
+    assert len(errs) == 1 and "injected failure" in errs[0]["error"]["message"], bad
+    assert errs[0]["error"]["type"] == "server_error" and bad[-1] == "[DONE]"
+    for events, text in zip(got, alone):
+        assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1])
+        assert "".join(e["choices"][0]["text"] for e in events[:-1]) == text
     text = http.get("/metrics").text
     assert metric(text, 'kvmini_requests_total{status="error"}') == errors_before + 1
+    assert metric(text, 'kvmini_errors_total{kind="engine:RuntimeError"}') >= 1
     assert metric(text, "kvmini_kv_blocks_used") == 0
     r = http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 3, "temperature": 0})
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_hostile_inputs_get_a_400_naming_the_field(live, http, llm):
+    vocab = llm.config.vocab_size
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    cases = [
+        # each of these used to be accepted and then fail the whole batch it ran in
+        ("/v1/completions", {"prompt": "Hi", "max_tokens": 4, "min_tokens": 2, "stop_token_ids": [99999999]},
+         "stop_token_ids[0]"),
+        ("/v1/completions", {"prompt": "Hi", "max_tokens": 4, "stop_token_ids": [vocab]}, "stop_token_ids[0]"),
+        ("/v1/completions", {"prompt": "Hi", "max_tokens": 4, "stop_token_ids": [2**70]}, "stop_token_ids[0]"),
+        ("/generate", {"prompt": "Hi", "max_tokens": 4, "stop_token_ids": [vocab + 5]}, "stop_token_ids[0]"),
+        ("/v1/chat/completions", {**chat, "stop_token_ids": [1, vocab]}, "stop_token_ids[1]"),
+        ("/v1/completions", {"prompt": "Hi", "temperature": 0.8, "top_k": 1180591620717411303424}, "top_k"),
+        ("/v1/completions", {"prompt": "Hi", "temperature": 0.8, "top_k": 2**63}, "top_k"),
+        ("/v1/completions", {"prompt": "Hi", "temperature": 1e300, "min_tokens": 2, "max_tokens": 4}, "temperature"),
+        ("/v1/completions", {"prompt": "Hi", "repetition_penalty": 1e-300}, "repetition_penalty"),
+        ("/v1/completions", {"prompt": "Hi", "seed": 2**64}, "seed"),
+        ("/v1/completions", {"prompt": "Hi", "seed": 2**64 - 1, "n": 2}, None),  # fine: choice 1 wraps
+        # lone surrogates: not valid Unicode, cannot be tokenized
+        ("/v1/completions", {"prompt": "abc\ud800def"}, "prompt"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "abc\ud800def"}]}, "messages[0].content"),
+        ("/tokenize", {"prompt": "abc\ud800def"}, "prompt"),
+        ("/generate", {"prompt": "abc\ud800def"}, "prompt"),
+        ("/generate", {"messages": [{"role": "user", "content": "\udfff"}]}, "messages[0].content"),
+        ("/v1/completions", {"prompt": "Hi", "stop": ["ok", "\ud800"]}, "stop[1]"),
+        # chat messages, field by field
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
+        ("/v1/chat/completions", {"messages": [{"role": "user"}]}, "messages[0].content"),
+        ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        # stop-string caps (16 strings of at most 256 characters by default)
+        ("/v1/completions", {"prompt": "Hi", "n": 8, "stop": [f"s{i}" for i in range(10_000)]}, "stop"),
+        ("/v1/completions", {"prompt": "Hi", "stop": ["x" * 257]}, "stop[0]"),
+        ("/v1/chat/completions", {**chat, "max_completion_tokens": 10**9}, "max_completion_tokens"),
+    ]
+    for path, body, param in cases:
+        raw = json.dumps(body).encode()  # ASCII JSON: a lone surrogate travels as its escape, "\\ud800"
+        r = http.post(path, content=raw, headers={"content-type": "application/json"})
+        if param is None:
+            assert r.status_code == 200, (body, r.text)
+            continue
+        err = assert_error(r, 400, param)
+        assert err["type"] == "invalid_request_error", (path, body, err)
+    message = assert_error(http.post("/v1/completions", json={"prompt": "Hi", "seed": 2**65}), 400, "seed")["message"]
+    assert "2**65" in message or str(2**65) in message  # the value sent, not a wrapped one
+    assert http.get("/health").json() == {"status": "ok"}
+    assert live.state.engine_loop.stats["kv_blocks_used"] == 0
+    text = http.get("/metrics").text
+    assert metric(text, 'kvmini_errors_total{kind="400"}') >= len(cases) - 1
+    assert "kvmini_preemptions_total" in text
+
+
+def test_chat_template_failures_are_400(live, http, llm):
+    templates = llm.tokenizer.chat_templates
+    original = templates["default"]
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    try:
+        for template in ("{% include 'secret.txt' %}", "{% for i in range(10**9) %}x{% endfor %}"):
+            templates["default"] = template
+            for path in ("/v1/chat/completions", "/generate", "/tokenize"):
+                err = assert_error(http.post(path, json={"messages": body["messages"]}), 400, "messages")
+                assert "cannot apply the chat template" in err["message"]
+    finally:
+        templates["default"] = original
+    assert http.post("/v1/chat/completions", json=body).status_code == 200
+
+
+def test_tokenizing_runs_off_the_event_loop(live, http, llm):
+    tokenizer = llm.tokenizer
+    threads = []
+    real_encode = tokenizer.encode
+
+    def encode(text, *args, **kwargs):
+        threads.append(threading.current_thread())
+        return real_encode(text, *args, **kwargs)
+
+    tokenizer.encode = encode
+    try:
+        assert http.post("/tokenize", json={"prompt": "word " * 20_000}).json()["count"] >= 20_000
+        assert http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1}).status_code == 200
+        assert http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "Hi"}],
+                                                       "max_tokens": 1}).status_code == 200
+    finally:
+        del tokenizer.encode
+    assert len(threads) >= 3 and live.thread not in threads  # live.thread runs the event loop
 
 
 # ---- small endpoints -----------------------------------------------------------------------------------
