@@ -1,7 +1,7 @@
 """kvmini: a small, readable inference engine for LLaMA-family models with a paged KV cache."""
 
 from engine.attention import AttentionCapture
-from engine.errors import CacheFullError, CheckpointError
+from engine.errors import CacheFullError, CheckpointError, RequestError, RequestTooLargeError
 from engine.llm import LLM
 from engine.outputs import AttentionRows, RequestOutput, TokenLogprob
 from engine.sampling import SamplingParams
@@ -13,7 +13,9 @@ __all__ = [
     "AttentionRows",
     "CacheFullError",
     "CheckpointError",
+    "RequestError",
     "RequestOutput",
+    "RequestTooLargeError",
     "SamplingParams",
     "Session",
     "Step",

@@ -437,6 +437,24 @@ def test_stop_string_inside_one_delta_and_earliest_match_wins():
     assert c.stop_reason == "abcd" and "".join(emitted) == "xx"
 
 
+def test_held_back_suffix_is_the_longest_prefix_of_any_stop_string():
+    # The search tries only suffixes that start with a stop string's first character; it must agree with
+    # trying every length.
+    import random
+
+    def every_length(stops: list[str], text: str) -> int:
+        for k in range(min(max(map(len, stops)) - 1, len(text)), 0, -1):
+            if any(len(s) > k and s.startswith(text[-k:]) for s in stops):
+                return k
+        return 0
+
+    rng = random.Random(0)
+    for _ in range(5000):
+        stops = ["".join(rng.choice("ab") for _ in range(rng.randint(1, 6))) for _ in range(rng.randint(1, 4))]
+        text = "".join(rng.choice("abc") for _ in range(rng.randint(0, 10)))
+        assert StopChecker(SamplingParams(stop=stops))._partial_suffix_len(text) == every_length(stops, text)
+
+
 def test_flush_releases_held_text_when_no_stop_matches():
     c = StopChecker(SamplingParams(stop="STOP", max_tokens=100))
     emitted, reason = _feed(c, ["a S", "T"])

@@ -553,3 +553,13 @@ def test_serve_cli_arguments():
         1024, 512 << 20, 2 << 30, 3 << 29, 64 << 10]
     with pytest.raises(ValueError):
         parse_size("lots")
+
+
+def test_events_never_carry_a_raw_line_separator():
+    from server.streaming import ndjson, sse
+
+    text = "a\u2028b\u2029c\x85d\x0be\x1cf\r\ng"
+    for frame in (sse({"text": text}), ndjson({"text": text})):
+        body = frame.rstrip("\n")
+        assert body.splitlines() == [body]  # str.splitlines: what httpx's iter_lines uses
+        assert json.loads(body.removeprefix("data: "))["text"] == text
