@@ -1,20 +1,59 @@
-"""Request bodies (pydantic). Types are strict: `"0.5"` is not a number and `1` is not a bool.
+"""Request bodies (pydantic). Types are strict: `"0.5"` is not a number, `1` is not a bool, `0.5` is
+not an integer; but a whole number written `5.0` is the integer 5, as JSON Schema's "integer" (and
+so the OpenAPI spec) says.
 
-Unknown fields are refused (400 naming the field), as OpenAI does. Values are range-checked by
-`SamplingParams` itself (see `server/params.py`), so the rules stay the engine's.
+Unknown fields are refused (400 naming the field), as OpenAI does. The constraints written here
+(ranges, non-empty lists and prompts, chat roles) are the ones the engine enforces anyway; stating
+them on the models puts them in the OpenAPI spec (`/openapi.json`) and refuses a bad value before
+anything runs. Every failure becomes a 400 naming the field (`server/errors.py`). Rules that depend
+on the model or the server's settings (vocabulary size, context length, `max_n`, ...) are checked by
+`server/params.py` and the engine, and stated in the spec by `server/openapi.py`.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import struct
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Strict, StrictBool, StrictStr, Tag
 
-Number = StrictFloat | StrictInt
+from engine.sampling import MAX_LOGPROBS
+from engine.validation import INT32_END, SEED_END, SEED_MIN
+
+
+def _whole_float_to_int(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+FLOAT32_MAX = struct.unpack("f", struct.pack("I", 0x7F7FFFFF))[0]  # sampling runs in float32
+
+
+def _int(**bounds: int) -> Any:
+    """A JSON integer (5 or 5.0; not 5.5, "5" or true) within `bounds` (ge, lt, ...). The bounds go
+    before the float-to-int step, so they reach the JSON schema as minimum / maximum."""
+    return Annotated[int, Strict(), Field(**bounds), BeforeValidator(_whole_float_to_int)]
+
+
+NonNegInt = _int(ge=0)
+PositiveInt = _int(ge=1)
+TokenId = NonNegInt
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+Logprobs = _int(ge=0, le=MAX_LOGPROBS)
+TopK = _int(ge=-1, lt=INT32_END)
+Seed = _int(ge=SEED_MIN, lt=SEED_END)
+# A JSON number: ints are accepted (as floats); bools, strings, NaN and Infinity are not. The engine
+# also refuses a non-zero number float32 rounds to zero (|x| <= 2**-150); the schema says so.
+_FLUSHED_TO_ZERO = {"type": "number", "anyOf": [{"exclusiveMinimum": 0, "maximum": 2.0**-150},
+                                                {"minimum": -(2.0**-150), "exclusiveMaximum": 0}]}
+Number = Annotated[float, Strict(), Field(allow_inf_nan=False, json_schema_extra={"not": _FLUSHED_TO_ZERO})]
+NonEmptyStr = Annotated[StrictStr, Field(min_length=1)]
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+# ---- chat messages ---------------------------------------------------------------------------------------
 
 
 class TextPart(_Body):
@@ -22,13 +61,13 @@ class TextPart(_Body):
     text: StrictStr
 
 
-class ChatMessage(BaseModel):
-    """One message. Extra keys (name, tool_call_id, ...) are passed through to the chat template."""
+Content = StrictStr | Annotated[list[TextPart], Field(min_length=1)]
+
+
+class _Message(BaseModel):
+    """Extra keys (name, tool_calls, tool_call_id, ...) are passed through to the chat template."""
 
     model_config = ConfigDict(extra="allow")
-
-    role: StrictStr
-    content: StrictStr | list[TextPart] | None = None
 
     def template_dict(self) -> dict:
         d = self.model_dump(exclude_none=True)
@@ -37,75 +76,170 @@ class ChatMessage(BaseModel):
         return d
 
 
+class SystemMessage(_Message):
+    role: Literal["system"]
+    content: Content
+
+
+class DeveloperMessage(_Message):
+    role: Literal["developer"]
+    content: Content
+
+
+class UserMessage(_Message):
+    role: Literal["user"]
+    content: Content
+
+
+class AssistantMessage(_Message):
+    """`content` may be absent or null (OpenAI allows that next to `tool_calls`); the chat template
+    then gets `""`, which every template can render."""
+
+    role: Literal["assistant"]
+    content: Content | None = None
+
+    def template_dict(self) -> dict:
+        d = super().template_dict()
+        d.setdefault("content", "")
+        return d
+
+
+class ToolMessage(_Message):
+    role: Literal["tool"]
+    content: Content
+
+
+MESSAGE_CLASSES = {
+    "system": SystemMessage,
+    "developer": DeveloperMessage,
+    "user": UserMessage,
+    "assistant": AssistantMessage,
+    "tool": ToolMessage,
+}
+CHAT_ROLES = tuple(MESSAGE_CLASSES)
+INVALID_ROLE = "invalid_role"  # the pydantic error type of a missing or unknown role (see server/errors.py)
+
+
+def _message_tag(value: Any) -> str | None:
+    """The message class for `value` by its role; None (-> an `invalid_role` error) for a missing or
+    unknown role. A value that is not an object goes to UserMessage, which reports it as such."""
+    if isinstance(value, BaseModel):
+        return type(value).__name__
+    if not isinstance(value, dict):
+        return UserMessage.__name__
+    role = value.get("role")
+    cls = MESSAGE_CLASSES.get(role) if isinstance(role, str) else None
+    return cls.__name__ if cls is not None else None
+
+
+# One message, chosen by its role. The tags are the class names (capitalised, so they never show up
+# in an error's field path; see `server.errors.param_from_loc`).
+ChatMessage = Annotated[
+    Union[tuple(Annotated[cls, Tag(cls.__name__)] for cls in MESSAGE_CLASSES.values())],  # type: ignore[misc]  # noqa: UP007
+    Discriminator(
+        _message_tag,
+        custom_error_type=INVALID_ROLE,
+        custom_error_message=f"role must be one of {', '.join(CHAT_ROLES)}",
+    ),
+]
+Messages = Annotated[list[ChatMessage], Field(min_length=1)]
+
+
+# ---- requests --------------------------------------------------------------------------------------------
+
+
 class StreamOptions(_Body):
     include_usage: StrictBool = False
 
 
 class SamplingFields(_Body):
-    """Fields that become `SamplingParams` (None = the engine's default)."""
+    """Fields that become `SamplingParams` (None = the engine's default); the ranges are SamplingParams'."""
 
-    max_tokens: StrictInt | None = None
-    temperature: Number | None = None
-    top_p: Number | None = None
-    top_k: StrictInt | None = None
-    min_p: Number | None = None
-    presence_penalty: Number | None = None
-    frequency_penalty: Number | None = None
-    repetition_penalty: Number | None = None
-    seed: StrictInt | None = None
-    stop: StrictStr | list[StrictStr] | None = None
-    stop_token_ids: list[StrictInt] | None = None
+    max_tokens: PositiveInt | None = None
+    temperature: Annotated[Number, Field(ge=0, le=FLOAT32_MAX)] | None = None
+    top_p: Annotated[Number, Field(gt=0, le=1)] | None = None
+    top_k: TopK | None = Field(default=None, description="0 or -1: off")
+    min_p: Annotated[Number, Field(ge=0, le=1)] | None = None
+    presence_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[Number, Field(ge=-2, le=2)] | None = None
+    repetition_penalty: Annotated[Number, Field(gt=0, le=FLOAT32_MAX, description="1: off")] | None = None
+    seed: Seed | None = None
+    stop: NonEmptyStr | list[NonEmptyStr] | None = None
+    stop_token_ids: list[TokenId] | None = None
     ignore_eos: StrictBool | None = None
-    min_tokens: StrictInt | None = None
+    min_tokens: NonNegInt | None = None
     skip_special_tokens: StrictBool | None = None
 
 
 class CompletionRequest(SamplingFields):
     model: StrictStr | None = None
-    prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
-    n: StrictInt = 1
-    logprobs: StrictInt | None = None  # top-n alternatives per token (OpenAI: 0..5; here up to 20)
+    # A string, a list of token ids, or (as OpenAI allows) a list holding exactly one of those.
+    prompt: (NonEmptyStr | TokenIds | Annotated[list[NonEmptyStr], Field(min_length=1, max_length=1)]
+             | Annotated[list[TokenIds], Field(min_length=1, max_length=1)])
+    n: PositiveInt = 1
+    logprobs: Logprobs | None = None  # top-n alternatives per token (OpenAI: 0..5; here up to 20)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
+    # top_logprobs (not null) needs logprobs: true (the handler checks it)
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"required": ["top_logprobs"], "properties": {"top_logprobs": {"type": "integer"}}},
+        "then": {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}},
+    })
+
     model: StrictStr | None = None
-    messages: list[ChatMessage]
-    max_completion_tokens: StrictInt | None = None
-    n: StrictInt = 1
+    messages: Messages
+    max_completion_tokens: PositiveInt | None = None
+    n: PositiveInt = 1
     logprobs: StrictBool = False
-    top_logprobs: StrictInt | None = None
+    top_logprobs: Logprobs | None = Field(default=None, description="needs logprobs=true")
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
 
 
 class AttentionRequest(_Body):
-    layers: list[StrictInt] | None = None  # None = every layer
-    heads: list[StrictInt] | None = None  # None = every query head
-    top_k: StrictInt | None = None  # None = full rows
+    layers: Annotated[list[NonNegInt], Field(min_length=1, json_schema_extra={"uniqueItems": True})] | None = Field(
+        default=None, description="layer indices, no duplicates; omit for every layer")
+    heads: Annotated[list[NonNegInt], Field(min_length=1, json_schema_extra={"uniqueItems": True})] | None = Field(
+        default=None, description="query head indices, no duplicates; omit for every head")
+    top_k: PositiveInt | None = Field(default=None, description="keep the top_k keys per row; omit for full rows")
+
+
+def _one_of(*names: str) -> dict:
+    """JSON schema: exactly one of these fields is given and not null (the handler checks it)."""
+    return {"oneOf": [{"required": [n], "properties": {n: {"not": {"type": "null"}}}} for n in names]}
 
 
 class GenerateRequest(SamplingFields):
+    """Give exactly one of `prompt` and `messages`."""
+
+    model_config = ConfigDict(json_schema_extra=_one_of("prompt", "messages"))
+
     model: StrictStr | None = None
-    prompt: StrictStr | list[StrictInt] | None = None
-    messages: list[ChatMessage] | None = None
-    logprobs: StrictInt | None = None
+    prompt: NonEmptyStr | TokenIds | None = None
+    messages: Messages | None = None
+    logprobs: Logprobs | None = None
     stream: StrictBool = True
     format: Literal["sse", "ndjson"] = "sse"
     attention: AttentionRequest | None = None
 
 
 class TokenizeRequest(_Body):
+    """Give exactly one of `prompt` and `messages`."""
+
+    model_config = ConfigDict(json_schema_extra=_one_of("prompt", "messages"))
+
     model: StrictStr | None = None
     prompt: StrictStr | None = None
-    messages: list[ChatMessage] | None = None
+    messages: Messages | None = None
     add_special_tokens: StrictBool = True
 
 
 class DetokenizeRequest(_Body):
     model: StrictStr | None = None
-    tokens: list[StrictInt]
+    tokens: list[TokenId]
     skip_special_tokens: StrictBool = False
