@@ -171,6 +171,8 @@ def check_messages(messages: object, param: str = "messages") -> list[dict]:
         elif isinstance(content, str):
             check_text(f"{where}.content", content)
         elif isinstance(content, Sequence):
+            if not content:
+                raise RequestError(f"{where}.content", f"{where}.content must hold at least one text part")
             for j, part in enumerate(content):
                 p = f"{where}.content[{j}]"
                 if not isinstance(part, Mapping) or part.get("type") != "text" or not isinstance(part.get("text"), str):

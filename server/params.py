@@ -54,7 +54,8 @@ def api_error(e: RequestError, renames: dict[str, str] | None = None) -> APIErro
         head = re.match(r"\w*", param).group(0)  # "stop_token_ids[2]" -> "stop_token_ids"
         if head in renames:
             param = renames[head] + param[len(head):]
-            message = message.replace(e.param, param)
+            if message.startswith(e.param):  # "max_tokens must be >= 1", "stop_token_ids[0]: ..."
+                message = param + message[len(e.param):]
     return APIError(400, message, param=param, code=e.code)
 
 
@@ -79,24 +80,25 @@ def chat_prompt_ids(llm: LLM, messages: list[ChatMessage], param: str = "message
 
 
 def prompt_ids(llm: LLM, prompt: str | list, param: str = "prompt") -> list[int]:
-    """A string or a token-id list (or, as OpenAI allows, a list holding exactly one of those)."""
+    """A string or a token-id list (or, as OpenAI allows, a list holding one of those: protocol.py
+    refuses longer lists). An empty result is refused by the context rules (`max_tokens_for`)."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise APIError(400, f"only one prompt per request is supported, got {len(prompt)}", param=param)
         prompt = prompt[0]
     with request_errors({"prompt": param}):
-        ids = prompt_token_ids(prompt, llm.tokenizer, llm.config.vocab_size, "prompt")
-    if not ids:
-        raise APIError(400, "prompt is empty: give at least one token", param=param)
-    return ids
+        return prompt_token_ids(prompt, llm.tokenizer, llm.config.vocab_size, "prompt")
 
 
 def max_tokens_for(llm: LLM, num_prompt: int, max_tokens: int | None, *, prompt_param: str,
                    max_tokens_param: str = "max_tokens") -> int:
     """The context rules (engine/validation.py `resolve_max_tokens`), errors naming this route's fields."""
-    with request_errors({"prompt": prompt_param, "max_tokens": max_tokens_param}):
-        return resolve_max_tokens(num_prompt, max_tokens, llm.engine.limits, prompt_param="prompt",
-                                  max_tokens_param="max_tokens")
+    return _context_checked(resolve_max_tokens, num_prompt, max_tokens, llm.engine.limits,
+                            prompt_param=prompt_param, max_tokens_param=max_tokens_param)
+
+
+def _context_checked(check, *args, prompt_param: str, max_tokens_param: str):
+    """Run a context check with this route's field names, so its message names them too."""
+    with request_errors():
+        return check(*args, prompt_param=prompt_param, max_tokens_param=max_tokens_param)
 
 
 def sampling_params(body: SamplingFields, settings: ServerSettings, *, max_tokens: int, logprobs: int | None,
@@ -118,8 +120,9 @@ def submissions(llm: LLM, settings: ServerSettings, body: SamplingFields, ids: l
     subs = []
     for seed in choice_seeds(body.seed, n):
         params = sampling_params(body, settings, max_tokens=max_tokens, logprobs=logprobs, seed=seed, renames=renames)
-        with request_errors(renames):
-            check_request(ids, params, llm.engine.limits)
+        names = renames or {}
+        _context_checked(check_request, ids, params, llm.engine.limits, prompt_param=names.get("prompt", "prompt"),
+                         max_tokens_param=names.get("max_tokens", "max_tokens"))
         subs.append(Submission(ids, params, capture))
     return subs
 

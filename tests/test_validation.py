@@ -65,6 +65,7 @@ def test_chat_messages_are_checked_per_field():
     assert param_of(lambda: check_messages([{"role": "user"}])) == "messages[0].content"
     assert param_of(lambda: check_messages([{"role": "user", "content": None}])) == "messages[0].content"
     assert param_of(lambda: check_messages([{"role": "user", "content": 5}])) == "messages[0].content"
+    assert param_of(lambda: check_messages([{"role": "user", "content": []}])) == "messages[0].content"
     bad_part = [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]
     assert param_of(lambda: check_messages(bad_part)) == "messages[0].content[0]"
     assert param_of(lambda: check_messages([{"role": "user", "content": "a\ud800"}])) == "messages[0].content"
@@ -214,3 +215,10 @@ def test_a_waiting_request_counts_one_prefix_lookup(llm):
     assert waited > 5 and stats["preemptions"] > 0
     assert stats["prefix_cache_queries"] == 2 * ((300 - 1) // 16) + (39 - 1) // 16
     assert llm.blocks.allocator.num_used == 0
+
+
+def test_the_servers_chat_roles_are_the_engines():
+    from engine.validation import CHAT_ROLES
+    from server.protocol import CHAT_ROLES as SERVER_ROLES
+
+    assert SERVER_ROLES == CHAT_ROLES
