@@ -54,7 +54,7 @@ def create_app(llm: LLM, settings: ServerSettings | None = None) -> FastAPI:
 
     def on_rejected(path: str, status: int) -> None:
         state.metrics.errors[str(status)] += 1
-        if path in GENERATION_PATHS:
+        if path in GENERATION_PATHS and status < 500:
             state.metrics.requests["rejected"] += 1
 
     install_handlers(app, on_rejected)

@@ -200,10 +200,10 @@ def _jsonable(x) -> bool:
 def install_handlers(app: FastAPI, on_rejected=None) -> None:
     """Turn every error FastAPI/Starlette can raise into an OpenAI-style body.
 
-    `on_rejected(path, status)` is called for each 4xx answer (metrics)."""
+    `on_rejected(path, status)` is called for each error answer, 4xx and 5xx (metrics)."""
 
     def note(request: Request, status: int) -> None:
-        if on_rejected is not None and 400 <= status < 499:  # 499: the client left (counted as aborted)
+        if on_rejected is not None and status != 499:  # 499: the client left (counted as aborted)
             on_rejected(request.url.path, status)
 
     @app.exception_handler(APIError)
@@ -236,4 +236,5 @@ def install_handlers(app: FastAPI, on_rejected=None) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unhandled error on %s %s", request.method, request.url.path)
+        note(request, 500)
         return APIError(500, f"internal server error: {type(exc).__name__}: {exc}").response()
