@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from engine.errors import RequestError
+from engine.validation import check_int
+
 
 @dataclass(frozen=True)
 class AttentionCapture:
@@ -25,20 +28,22 @@ class AttentionCapture:
         for name in ("layers", "heads"):
             value = getattr(self, name)
             if value is not None:
-                value = tuple(int(v) for v in value)
-                if not value or any(v < 0 for v in value):
-                    raise ValueError(f"capture {name} must be a non-empty list of indices >= 0, got {value}")
+                value = tuple(value)
+                if not value or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in value):
+                    raise RequestError(f"attention.{name}", f"attention.{name} must be a non-empty list of "
+                                                            f"indices >= 0 (omit it for all), got {list(value)}")
+                if len(set(value)) != len(value):
+                    raise RequestError(f"attention.{name}", f"attention.{name} has duplicates: {list(value)}")
                 object.__setattr__(self, name, value)
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"capture top_k must be >= 1, got {self.top_k}")
+        check_int("attention.top_k", self.top_k, 1, allow_none=True)
 
     def validate(self, num_layers: int, num_heads: int) -> None:
-        bad_l = [v for v in self.layers or () if v >= num_layers]
-        bad_h = [v for v in self.heads or () if v >= num_heads]
-        if bad_l:
-            raise ValueError(f"capture layers {bad_l} out of range: the model has {num_layers} layers")
-        if bad_h:
-            raise ValueError(f"capture heads {bad_h} out of range: the model has {num_heads} heads")
+        """The layers and heads exist in a model of this shape."""
+        for name, values, count in (("layers", self.layers, num_layers), ("heads", self.heads, num_heads)):
+            bad = [v for v in values or () if v >= count]
+            if bad:
+                raise RequestError(f"attention.{name}", f"attention.{name} {bad} out of range: the model has "
+                                                        f"{count} {name}")
 
 
 @dataclass

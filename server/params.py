@@ -150,20 +150,10 @@ def attention_capture(spec: AttentionRequest, llm: LLM, settings: ServerSettings
                       max_tokens: int) -> AttentionCapture:
     """Validate an attention request and check its size (module docstring); 400 naming the field."""
     cfg = llm.config
-    for name, count in (("layers", cfg.num_hidden_layers), ("heads", cfg.num_attention_heads)):
-        values = getattr(spec, name)
-        if values is None:
-            continue
-        if not values:
-            raise APIError(400, f"attention.{name} must be a non-empty list (omit it for all)",
-                           param=f"attention.{name}")
-        bad = [v for v in values if not 0 <= v < count]
-        if bad:
-            raise APIError(400, f"attention.{name} {bad} out of range: the model has {count} {name}",
-                           param=f"attention.{name}")
-        if len(set(values)) != len(values):
-            raise APIError(400, f"attention.{name} has duplicates: {values}", param=f"attention.{name}")
-    if spec.top_k is not None and not 1 <= spec.top_k <= settings.max_attention_top_k:
+    with request_errors():
+        capture = AttentionCapture(layers=spec.layers, heads=spec.heads, top_k=spec.top_k)
+        capture.validate(cfg.num_hidden_layers, cfg.num_attention_heads)
+    if spec.top_k is not None and spec.top_k > settings.max_attention_top_k:
         raise APIError(400, f"attention.top_k must be in [1, {settings.max_attention_top_k}], got {spec.top_k}",
                        param="attention.top_k")
     n = attention_values(spec, cfg.num_hidden_layers, cfg.num_attention_heads, num_prompt, max_tokens)
@@ -175,11 +165,7 @@ def attention_capture(spec: AttentionRequest, llm: LLM, settings: ServerSettings
             "capture fewer layers/heads, set attention.top_k, or lower max_tokens",
             param="attention", code="attention_too_large",
         )
-    return AttentionCapture(
-        layers=tuple(spec.layers) if spec.layers is not None else None,
-        heads=tuple(spec.heads) if spec.heads is not None else None,
-        top_k=spec.top_k,
-    )
+    return capture
 
 
 def attention_values(spec: AttentionRequest, num_layers: int, num_heads: int, num_prompt: int, max_tokens: int) -> int:
