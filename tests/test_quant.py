@@ -173,10 +173,10 @@ def test_smollm2_quality_holds(smollm2_dir, kind):
 
 
 def test_serve_passes_quantization_and_threads_to_the_engine(capsys, monkeypatch, tiny_dir):
-    import uvicorn
+    from server.cli import DrainingServer
 
     served = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+    monkeypatch.setattr(DrainingServer, "run", lambda self, sockets=None: served.update(app=self.config.app))
     before = torch.get_num_threads()
     try:
         code = main(["serve", "--model", str(tiny_dir), "--quantization", "int4", "--threads", "1", "--port", "0"])
