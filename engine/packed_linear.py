@@ -9,8 +9,46 @@ Results equal `F.linear` exactly in bfloat16 and to float32 rounding (a differen
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+# oneDNN runs these layers and PyTorch's other bfloat16 matmuls on CPU (the quantized layers' dense path,
+# prefill attention). It JIT-compiles a primitive for every input shape (0.5-8 ms) and PyTorch keeps them
+# in two LRU caches of 1024 entries, oneDNN's own and ideep's (capping one alone frees nothing). At 0.6-1.5
+# MB a primitive, a server meeting many prompt lengths and batch sizes grew by ~1 GB until they filled
+# (docs/PERFORMANCE.md). 128 entries still hold a step's shapes: five linear, two per prefill segment.
+# oneDNN reads both variables when it builds its first primitive, after this import (models are built
+# later); a value already in the environment is kept.
+ONEDNN_CACHE_CAPACITY = 128
+for _name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
+    os.environ.setdefault(_name, str(ONEDNN_CACHE_CAPACITY))
+
+# Inputs of more rows than this (prefill chunks) are padded to one of 8 sizes per octave, at most 12.5 %
+# more rows, so that prompts of any length share 24 shapes up to 512 rows instead of compiling their own
+# (the padded sizes, multiples of 8-64 rows, ran as fast as the exact ones). Decode batches (up to 64
+# sequences by default) keep their exact row count.
+EXACT_ROWS = 64
+
+
+def bucket_rows(rows: int) -> int:
+    """`rows` rounded up to a multiple of 1/8 of the largest power of two below it: 16 stays, 17 -> 18, 65 -> 72."""
+    if rows <= 16:
+        return rows
+    step = 1 << ((rows - 1).bit_length() - 4)
+    return -(-rows // step) * step
+
+
+def run_bucketed(linear: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """`linear(x)` computed on x's rows (leading dimensions flattened) zero-padded to `bucket_rows`."""
+    x2d = x.reshape(-1, x.shape[-1])
+    rows = x2d.shape[0]
+    padded = bucket_rows(rows)
+    y = linear(x2d if padded == rows else F.pad(x2d, (0, 0, 0, padded - rows)))[:rows]
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 # Packing is for CPUs oneDNN drives natively; float16 needs AVX512-FP16, so it keeps the plain path.
 _PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
@@ -40,6 +78,11 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else bias.detach().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() > EXACT_ROWS * self.in_features:
+            return run_bucketed(self._linear, x)
+        return _LINEAR(x, self.packed, self.bias, "none", [], "")
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
         return _LINEAR(x, self.packed, self.bias, "none", [], "")
 
     # Called ~120 times per decoded token: skip nn.Module's hook dispatch (these layers take no hooks).

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
+from engine.packed_linear import run_bucketed
 
 QUANTIZATIONS = ("int8", "int4", "auto")
 INT4_GROUP_SIZE = 32
@@ -28,7 +29,9 @@ AUTO_INT4_MAX_ERROR = 0.05
 # PyTorch's weight-only kernels are matrix-vector products: their time grows with every input row (an
 # int8 gate_up takes 0.2 ms at 1 row, 2.6 ms at 64, 25 ms at 512), while dequantizing the weight once and
 # running a dense matmul costs about 2.5 ms at any row count. Above this many rows (prefill chunks, large
-# decode batches) the layers dequantize; at or below it (decode) they stream the small weights.
+# decode batches) the layers dequantize; at or below it (decode) they stream the small weights. The dense
+# path pads its rows as the packed layers do (`run_bucketed`), so that oneDNN compiles and caches a
+# bounded number of matmuls; the padding costs little next to the dequantization.
 QUANT_MAX_ROWS = 32
 
 
@@ -77,11 +80,14 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)
         if x2d.shape[0] > QUANT_MAX_ROWS:
-            return F.linear(x, self.weight, self.bias)
+            return run_bucketed(self._dense, x)
         y = torch.ops.aten._weight_int8pack_mm(x2d, self.qweight, self.scales).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     __call__ = forward  # hot path: skip nn.Module's hook dispatch (these layers take no hooks)
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -118,12 +124,15 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)
         if x2d.shape[0] > QUANT_MAX_ROWS:
-            return F.linear(x, self.weight, self.bias)
+            return run_bucketed(self._dense, x)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.packed, INT4_GROUP_SIZE, self.scales_and_zeros)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     __call__ = forward
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
 
     def grid_error(self, weight: torch.Tensor) -> float:
         """Mean |dequantized - weight| in units of each group's step: ~0 when `weight` was on a 4-bit grid."""
