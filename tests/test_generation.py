@@ -483,7 +483,9 @@ def test_prompt_plus_max_tokens_beyond_context_raises(gqa_llm):
     with pytest.raises(ValueError, match="context length"):
         gqa_llm.logits([65] * (n + 1))
     # exactly at the limit is fine to queue (not run here)
-    gqa_llm.engine.check_prompt([65] * (n - 10), SamplingParams(max_tokens=10))
+    from engine.validation import check_request
+
+    assert check_request([65] * (n - 10), SamplingParams(max_tokens=10), gqa_llm.engine.limits) == 10
     assert not gqa_llm.engine.has_unfinished()
 
 
