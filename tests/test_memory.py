@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import LLM, SamplingParams
-from engine.packed_linear import ONEDNN_CACHE_CAPACITY, PackedLinear, bucket_rows, can_pack, run_bucketed
+from engine.packed_linear import PackedLinear, bucket_rows, can_pack, run_bucketed
 from engine.quant import Int4Linear, Int8Linear
 
 CPU = torch.device("cpu")
