@@ -64,13 +64,15 @@ def read_bandwidth_gbs(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     return nbytes / best / 1e9
 
 
-def token_times(llm, prompt: list[int], max_tokens: int) -> list[float]:
+def token_times(llm, prompt: list[int], max_tokens: int, capture=None) -> list[float]:
     """Arrival time of every generated token of one greedy, fixed-length request through `LLMEngine`
-    (per token, not per text delta: a token that holds back its text still counts)."""
+    (per token, not per text delta: a token that holds back its text still counts), optionally capturing
+    attention (`AttentionCapture`)."""
     from engine import SamplingParams
 
     engine = llm.engine
-    rid = engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    rid = engine.add_request(prompt, params, capture=capture)
     times = []
     while engine.has_unfinished():
         for out in engine.step():

@@ -1,9 +1,9 @@
 """kvmini: a small, readable inference engine for LLaMA-family models with a paged KV cache."""
 
-from engine.attention import AttentionCapture
+from engine.capture import AttentionCapture, Span, char_spans
 from engine.errors import CacheFullError, CheckpointError, RequestError, RequestTooLargeError
 from engine.llm import LLM
-from engine.outputs import AttentionRows, RequestOutput, TokenLogprob
+from engine.outputs import AttentionRows, RequestOutput, SpanMasses, TokenLogprob
 from engine.sampling import SamplingParams
 from engine.session import Session, Step
 
@@ -17,7 +17,10 @@ __all__ = [
     "RequestOutput",
     "RequestTooLargeError",
     "SamplingParams",
+    "Span",
+    "SpanMasses",
     "Session",
     "Step",
     "TokenLogprob",
+    "char_spans",
 ]

@@ -7,60 +7,13 @@ of query heads reads its one K/V head directly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from engine.errors import RequestError
-from engine.validation import check_int
-
-
-@dataclass(frozen=True)
-class AttentionCapture:
-    """Which attention probabilities to keep: layers/heads (None = all), optional top-k, full prefill."""
-
-    layers: tuple[int, ...] | None = None
-    heads: tuple[int, ...] | None = None
-    top_k: int | None = None
-    prefill_matrix: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("layers", "heads"):
-            value = getattr(self, name)
-            if value is not None:
-                value = tuple(value)
-                if not value or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in value):
-                    raise RequestError(f"attention.{name}", f"attention.{name} must be a non-empty list of "
-                                                            f"indices >= 0 (omit it for all), got {list(value)}")
-                if len(set(value)) != len(value):
-                    raise RequestError(f"attention.{name}", f"attention.{name} has duplicates: {list(value)}")
-                object.__setattr__(self, name, value)
-        check_int("attention.top_k", self.top_k, 1, allow_none=True)
-
-    def validate(self, num_layers: int, num_heads: int) -> None:
-        """The layers and heads exist in a model of this shape."""
-        for name, values, count in (("layers", self.layers, num_layers), ("heads", self.heads, num_heads)):
-            bad = [v for v in values or () if v >= count]
-            if bad:
-                raise RequestError(f"attention.{name}", f"attention.{name} {bad} out of range: the model has "
-                                                        f"{count} {name}")
-
-
-@dataclass
-class CaptureSink:
-    """Collects probability rows for one sequence during one forward pass (layer -> tensor)."""
-
-    spec: AttentionCapture
-    num_rows: int = 1  # keep the rows of this many trailing queries
-    rows: dict[int, torch.Tensor] = field(default_factory=dict)  # [heads, num_rows, context]
-    matrices: dict[int, torch.Tensor] = field(default_factory=dict)  # [heads, q_len, context] (prefill)
-
-    def wants(self, layer: int) -> bool:
-        return self.spec.layers is None or layer in self.spec.layers
-
-    def select_heads(self, probs: torch.Tensor) -> torch.Tensor:
-        heads = self.spec.heads
-        return probs if heads is None else probs[list(heads)]
+if TYPE_CHECKING:
+    from engine.capture import CaptureSink
 
 
 @dataclass
@@ -146,15 +99,10 @@ def _decode(q, k_pool, v_pool, batch: DecodeBatch, layer: int, scale: float) -> 
     keys = _gather(k_pool, batch.key_slots).transpose(1, 2)  # [B, KVH, L, D]
     values = _gather(v_pool, batch.key_slots).transpose(1, 2)
     qg = q.view(b, kvh, h // kvh, d)  # the G query heads of a group are G query rows of its K/V head
-    if batch.captures is None:
-        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=batch.key_mask, scale=scale)
-        return out.reshape(b, h * d)
-    scores = torch.matmul(qg, keys.transpose(2, 3)) * scale  # [B, KVH, G, L], as the reference's eager path
-    if batch.key_mask is not None:
-        scores = scores.masked_fill(~batch.key_mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
-    _capture_decode(probs, batch, layer)
-    return torch.matmul(probs.to(values.dtype), values).reshape(b, h * d)
+    out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=batch.key_mask, scale=scale)
+    if batch.captures is not None:
+        _capture_decode(qg, keys, values, batch, layer, scale)
+    return out.reshape(b, h * d)
 
 
 def _gather(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -164,12 +112,18 @@ def _gather(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     return flat.index_select(0, slots.reshape(-1)).view(*slots.shape, pool.shape[2], pool.shape[3])
 
 
-def _capture_decode(probs: torch.Tensor, batch: DecodeBatch, layer: int) -> None:
-    b, kvh, g, _ = probs.shape
+def _capture_decode(qg, keys, values, batch: DecodeBatch, layer: int, scale: float) -> None:
+    """The probability rows of the capturing sequences, beside the fused kernel's output (which stays the
+    fast path for every row): scores as the reference's eager path forms them, softmax in float32."""
     for i, sink in enumerate(batch.captures):
         if sink is not None and sink.wants(layer):
-            row = probs[i].reshape(kvh * g, 1, -1)[:, :, : batch.context_lens[i]]
-            sink.rows[layer] = sink.select_heads(row).float().cpu()
+            n = batch.context_lens[i]
+            # In float32, as the fused kernel accumulates (the reference's eager path rounds the scores to
+            # the model dtype first). The gathered keys are strided per head: a contiguous float32 copy makes
+            # the product 2-4x faster than reading them in place in bfloat16.
+            k = keys[i, :, :n].float().contiguous()
+            scores = torch.matmul(qg[i].float() * scale, k.transpose(1, 2))  # [KVH, G, n]
+            sink.record_decode(layer, scores, values[i, :, :n])
 
 
 def _prefill(q, k, v, k_pool, v_pool, seg: PrefillSegment, layer: int, scale: float) -> torch.Tensor:
@@ -191,16 +145,9 @@ def _prefill(q, k, v, k_pool, v_pool, seg: PrefillSegment, layer: int, scale: fl
         scores = torch.baddbmm(bias, qg, kt.transpose(1, 2), alpha=scale)  # [KVH, G*T, ctx]
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
         if sink is not None:
-            _capture_prefill(probs.view(h, t, ctx), sink, layer)
+            sink.record_prefill(layer, probs.view(h, t, ctx), scores.view(h, t, ctx), vt)
         out = torch.matmul(probs.to(vt.dtype), vt)
     return out.view(kvh, g, t, d).permute(2, 0, 1, 3).reshape(t, h * d)
-
-
-def _capture_prefill(probs: torch.Tensor, sink: CaptureSink, layer: int) -> None:
-    probs = sink.select_heads(probs)  # [heads, T, ctx]
-    sink.rows[layer] = probs[:, -sink.num_rows :].float().cpu()
-    if sink.spec.prefill_matrix:
-        sink.matrices[layer] = probs.float().cpu()
 
 
 def _causal_mask(q_len: int, ctx: int, device) -> torch.Tensor:

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from engine.attention import AttentionCapture, CaptureSink
+from engine.capture import AttentionCapture, CaptureSink, CaptureState, ValueNorms
 from engine.config import ModelConfig
 from engine.errors import RequestError
-from engine.outputs import AttentionRows, RequestOutput, TokenLogprob
+from engine.outputs import RequestOutput, TokenLogprob
 from engine.runner import ModelRunner, ScheduledSeq
 from engine.sampling import Sampler, SamplerOutput, SamplingParams, make_generator
 from engine.scheduler import Scheduler, SchedulerConfig
@@ -35,7 +33,6 @@ class Request:
     stop: StopChecker
     logprobs: list[TokenLogprob] | None
     prompt_token_ids: list[int]  # handed to every RequestOutput (one list, never copied per step)
-    prefill_chunks: list[dict[int, torch.Tensor]] = field(default_factory=list)  # prompt matrices, per chunk
 
 
 class LLMEngine:
@@ -62,6 +59,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.seq_ids = SequenceIds()  # shared with sessions: ids stay unique per pool
         self._request_ids = itertools.count()
+        self._separator_mask: torch.Tensor | None = None
 
     # ---- requests ----------------------------------------------------------------------------------
     def add_request(
@@ -77,12 +75,11 @@ class LLMEngine:
         params = params or SamplingParams()
         ids = prompt_token_ids(prompt, self.tokenizer, self.limits.vocab_size)
         check_request(ids, params, self.limits)
-        if capture is not None:
-            capture.validate(self.model_config.num_hidden_layers, self.model_config.num_attention_heads)
+        state = self.capture_state(capture, len(ids)) if capture is not None else None
         request_id = request_id if request_id is not None else f"req-{next(self._request_ids)}"
         if request_id in self.requests:
             raise RequestError("request_id", f"request_id {request_id!r} is already in use")
-        seq = Sequence(self.seq_ids.next(), ids, len(ids), params, capture)
+        seq = Sequence(self.seq_ids.next(), ids, len(ids), params, state)
         seq.generator = make_generator(params.seed, self.runner.device)
         self.requests[request_id] = Request(
             request_id,
@@ -94,6 +91,31 @@ class LLMEngine:
         )
         self.scheduler.add(seq)
         return request_id
+
+    def capture_state(self, capture: AttentionCapture, num_prompt_tokens: int) -> CaptureState:
+        """Check a capture request against the model and the prompt; its state for one sequence."""
+        cfg = self.model_config
+        capture.validate(cfg.num_hidden_layers, cfg.num_attention_heads, num_prompt_tokens)
+        state = CaptureState(capture, num_prompt_tokens)
+        if capture.value_norms:
+            state.value_norms = ValueNorms(self.runner.model, cfg.num_attention_heads // cfg.num_key_value_heads)
+        if capture.head_stats:
+            from engine.head_stats import HeadStats
+
+            state.head_stats = HeadStats(capture.layers or range(cfg.num_hidden_layers),
+                                         capture.heads or range(cfg.num_attention_heads),
+                                         separator_mask=self.separator_mask, device=self.runner.device)
+        return state
+
+    @property
+    def separator_mask(self) -> torch.Tensor:
+        """Which vocabulary entries are separators or punctuation (the syntax score's keys), built once."""
+        if self._separator_mask is None:
+            from engine.head_stats import separator_token_mask
+
+            # Kept on the host: HeadStats reads it there, once per new token.
+            self._separator_mask = separator_token_mask(self.tokenizer, self.model_config.vocab_size)
+        return self._separator_mask
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks; returns its final output (None if unknown/finished)."""
@@ -127,7 +149,7 @@ class LLMEngine:
     def _compute(self, work: list[ScheduledSeq]) -> "_Computed":
         """The forward pass and sampling of one step; on failure, undone so the work can run again."""
         by_seq = {id(r.seq): r for r in self.requests.values()}
-        saved = _StepState([(w.seq, by_seq.get(id(w.seq))) for w in work])
+        saved = _StepState([w.seq for w in work])
         try:
             out = self.runner.run(work)
             self._collect_prefill_matrices(out.captures)
@@ -177,12 +199,8 @@ class LLMEngine:
         by_id = {r.seq.seq_id: r for r in self.requests.values()}
         for seq_id, sink in captures.items():
             req = by_id.get(seq_id)
-            if req is None or not sink.matrices or req.seq.output_ids:
-                continue
-            chunk_len, context = next(iter(sink.matrices.values())).shape[1:]
-            if chunk_len == context:  # the prompt's first chunk (again, after a preemption)
-                req.prefill_chunks.clear()
-            req.prefill_chunks.append(sink.matrices)
+            if req is not None and sink.matrices and not req.seq.output_ids:
+                req.seq.capture.keep_chunk(sink)
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
         seqs = [r.seq for r in reqs]
@@ -213,10 +231,10 @@ class LLMEngine:
             top = list(zip(sampled.top_token_ids[row] or [], sampled.top_logprobs[row] or []))
             logprob = TokenLogprob(token, float(sampled.logprobs[row]), top)
             req.logprobs.append(logprob)
-        attention = [rows_from_sink(sink, query_position, 0)] if sink is not None else None
-        if attention and req.prefill_chunks:
-            attention[0].prefill = _join_chunks(req.prefill_chunks)
-            req.prefill_chunks = []
+        attention = None
+        if sink is not None:
+            attention = seq.capture.rows(sink, [query_position])
+            seq.capture.update_stats(sink, [query_position], seq.token_ids)
         if reason == "length":  # no stop string can follow; release text the detokenizer still holds
             tail = req.detokenizer.flush()
             text += tail
@@ -242,6 +260,7 @@ class LLMEngine:
             new_logprobs=[logprob] if logprob is not None else ([] if req.logprobs is not None else None),
             attention=attention,
             num_cached_prompt_tokens=seq.num_cached_prompt_tokens,
+            head_stats=seq.capture.head_stats if seq.capture is not None else None,
         )
 
     # ---- accounting --------------------------------------------------------------------------------
@@ -275,43 +294,17 @@ class _StepState:
     holds (the slots it wrote are simply written again), the prompt chunks kept for attention, and the
     state of each seeded generator (so that a retry draws the same token)."""
 
-    def __init__(self, items: list[tuple[Sequence, Request | None]]):
+    def __init__(self, seqs: list[Sequence]):
         self.items = [
-            (seq, seq.block_table.num_cached_tokens, req, len(req.prefill_chunks) if req else 0,
+            (seq, seq.block_table.num_cached_tokens, len(seq.capture.prefill_chunks) if seq.capture else 0,
              seq.generator.get_state() if seq.generator is not None else None)
-            for seq, req in items
+            for seq in seqs
         ]
 
     def restore(self) -> None:
-        for seq, num_cached, req, num_chunks, generator_state in self.items:
+        for seq, num_cached, num_chunks, generator_state in self.items:
             seq.block_table.num_cached_tokens = num_cached
-            if req is not None:
-                del req.prefill_chunks[num_chunks:]
+            if seq.capture is not None:
+                del seq.capture.prefill_chunks[num_chunks:]
             if generator_state is not None:
                 seq.generator.set_state(generator_state)
-
-
-def _join_chunks(chunks: list[dict[int, torch.Tensor]]) -> dict[int, np.ndarray]:
-    """Per layer, the chunks' `[heads, chunk_len, context_so_far]` matrices as one `[heads, P, P]` matrix."""
-    out = {}
-    for layer in chunks[-1]:
-        parts = [c[layer] for c in chunks]
-        total = parts[-1].shape[-1]
-        out[layer] = torch.cat([F.pad(p, (0, total - p.shape[-1])) for p in parts], dim=1).numpy()
-    return out
-
-
-def rows_from_sink(sink: CaptureSink, query_position: int, row: int) -> AttentionRows:
-    """The captured rows of one query (row `row` of the sink's trailing rows) as numpy arrays."""
-    num_heads = next(iter(sink.rows.values())).shape[0] if sink.rows else 0
-    heads = sink.spec.heads or tuple(range(num_heads))
-    layers = {
-        layer: rows[:, row, : query_position + 1].numpy()
-        for layer, rows in sorted(sink.rows.items())
-    }
-    out = AttentionRows(query_position, tuple(heads), layers)
-    if row == 0 and sink.matrices:
-        out.prefill = {layer: m.numpy() for layer, m in sorted(sink.matrices.items())}
-    if sink.spec.top_k is not None:
-        out.top = out.top_k(sink.spec.top_k)
-    return out

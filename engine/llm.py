@@ -9,7 +9,7 @@ import torch
 
 from collections.abc import Iterator
 
-from engine.attention import AttentionCapture
+from engine.capture import AttentionCapture
 from engine.checkpoint import load_weights
 from engine.config import ModelConfig
 from engine.kv_cache import BlockManager, CacheConfig, KVCache
@@ -203,9 +203,8 @@ class LLM:
     ) -> Session:
         """Start step-by-step decoding of `prompt` (see `Session`)."""
         ids = self._prompt_ids(prompt)
-        if capture is not None:
-            capture.validate(self.config.num_hidden_layers, self.config.num_attention_heads)
-        return Session(self.runner, self.tokenizer, self.engine.seq_ids, ids, self.max_model_len, capture, params)
+        state = self.engine.capture_state(capture, len(ids)) if capture is not None else None
+        return Session(self.runner, self.tokenizer, self.engine.seq_ids, ids, self.max_model_len, state, params)
 
     def _prompt_ids(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
         ids = prompt_token_ids(prompt, self.tokenizer, self.config.vocab_size, param)

@@ -26,17 +26,37 @@ class TopKAttention:
 
 
 @dataclass
+class SpanMasses:
+    """Attention mass on named spans of the prompt: per captured layer `[heads, S + 2]`, each row the mass on
+    each span in order, then on the tokens generated so far, then on the rest of the prompt (sums to 1)."""
+
+    names: tuple[str, ...]
+    layers: dict[int, np.ndarray]
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (*self.names, "generated", "rest_of_prompt")
+
+    def head_mean(self) -> dict[int, np.ndarray]:
+        """Per layer, `[S + 2]` averaged over the captured heads."""
+        return {layer: m.mean(axis=0) for layer, m in self.layers.items()}
+
+
+@dataclass
 class AttentionRows:
     """Where one query token attended: per captured layer, `[heads, context_len]` softmax rows."""
 
     query_position: int  # absolute position of the query token
     heads: tuple[int, ...]  # which query heads the rows are, in order
-    layers: dict[int, np.ndarray]  # layer -> [heads, context_len] float32
+    layers: dict[int, np.ndarray]  # layer -> [heads, context_len] float32 (empty when full rows were not asked)
     # With AttentionCapture(prefill_matrix=True), on the first step (and on a session's fed chunk):
     # layer -> [heads, queries, context_len] for every query of that pass, causal (zeros above the diagonal).
     prefill: dict[int, np.ndarray] | None = None
-    # With AttentionCapture(top_k=k): the k largest entries of each row (the full rows stay in `layers`).
+    # With AttentionCapture(top_k=k): the k largest entries of each row (reduced on the device).
     top: dict[int, TopKAttention] | None = None
+    spans: SpanMasses | None = None  # with AttentionCapture(spans=...)
+    scores: dict[int, np.ndarray] | None = None  # with scores=True: pre-softmax q.k/sqrt(d), -inf past the query
+    value_norms: dict[int, np.ndarray] | None = None  # with value_norms=True: p_j * ||v_j W_O^h||
 
     @property
     def key_positions(self) -> np.ndarray:
@@ -74,6 +94,9 @@ class RequestOutput:
     num_cached_prompt_tokens: int = 0  # prompt tokens reused from the prefix cache
     all_token_ids: list[int] = field(default_factory=list, repr=False)  # the sequence's list (prompt + output)
     error: str | None = None  # with finish_reason "error": what failed (the request alone was ended)
+    # With AttentionCapture(head_stats=True): engine.head_stats.HeadStats over every captured row so far
+    # (the same object on every output of the request; label it with engine.head_stats.label_heads).
+    head_stats: object | None = field(default=None, repr=False)
 
     @property
     def token_ids(self) -> list[int]:

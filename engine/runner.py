@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention import AttentionMetadata, CaptureSink, DecodeBatch, PrefillSegment, group_by_length
+from engine.attention import AttentionMetadata, DecodeBatch, PrefillSegment, group_by_length
+from engine.capture import CaptureSink
 from engine.kv_cache import BlockManager, KVCache
 from engine.model import LlamaModel
 from engine.sequence import Sequence
@@ -66,8 +67,11 @@ class ModelRunner:
             ids += s.token_ids[start : start + w.num_tokens]
             positions += range(start, start + w.num_tokens)
             slots += self.blocks.slots(s.block_table, start, start + w.num_tokens)
+        cfg = self.model.config
         captures = {
-            w.seq.seq_id: CaptureSink(w.seq.capture, w.num_logits) for w in ordered if w.seq.capture is not None
+            w.seq.seq_id: w.seq.capture.sink(cfg.num_hidden_layers, cfg.num_attention_heads, w.num_logits,
+                                             w.seq.num_computed + w.num_tokens)
+            for w in ordered if w.seq.capture is not None
         }
         meta = AttentionMetadata(
             slot_mapping=self._tensor(slots),

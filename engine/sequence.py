@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.attention import AttentionCapture
+from engine.capture import CaptureState
 from engine.kv_cache import BlockTable
 from engine.sampling import SamplingParams
 
@@ -25,7 +25,7 @@ class Sequence:
     token_ids: list[int]
     num_prompt_tokens: int
     params: SamplingParams
-    capture: AttentionCapture | None = None
+    capture: CaptureState | None = None  # what it captures, and the capture's state across steps
     block_table: BlockTable = field(default_factory=BlockTable)
     status: SequenceStatus = SequenceStatus.WAITING
     generator: torch.Generator | None = None

@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention import AttentionCapture
-from engine.engine import rows_from_sink
+from engine.capture import CaptureState
 from engine.outputs import AttentionRows, TokenLogprob
 from engine.runner import ModelRunner, ScheduledSeq
 from engine.sampling import Sampler, SamplingParams, make_generator
@@ -45,7 +44,7 @@ class Session:
         seq_ids: SequenceIds,
         token_ids: list[int],
         max_model_len: int,
-        capture: AttentionCapture | None = None,
+        capture: CaptureState | None = None,
         params: SamplingParams | None = None,
     ):
         self.runner = runner
@@ -59,11 +58,16 @@ class Session:
         self.sampler = Sampler(self.params.seed)
         self._detok = self._new_detokenizer()
         self.closed = False
-        self.attention_log: list[AttentionRows] = []  # every step's rows while capturing (see `dump`)
+        self.attention_log: list[AttentionRows] = []  # every step's rows while capturing
 
     @property
     def token_ids(self) -> list[int]:
         return list(self.seq.token_ids)
+
+    @property
+    def head_stats(self):
+        """engine.head_stats.HeadStats over every captured row, with AttentionCapture(head_stats=True)."""
+        return self.seq.capture.head_stats if self.seq.capture is not None else None
 
     @property
     def text(self) -> str:
@@ -77,7 +81,8 @@ class Session:
         logits, sink = self._run([], num_logits=1)
         token, logprob = self._sample(logits, params)
         self.seq.token_ids.append(token)
-        return self._make_step(token, logits[0], logprob, sink, 0)
+        [attention] = self._attention(sink, [self.seq.num_tokens - 2])
+        return self._make_step(token, logits[0], logprob, attention)
 
     def feed(self, token_ids: list[int]) -> list[Step]:
         """Append forced tokens, scoring each one: a `Step` per token, as if it had been sampled.
@@ -91,11 +96,12 @@ class Session:
         logits, sink = self._run(token_ids[:-1], num_logits=len(token_ids))
         self.seq.token_ids.append(token_ids[-1])
         first = self.seq.num_tokens - len(token_ids)
+        attention = self._attention(sink, range(first - 1, first - 1 + len(token_ids)))
         steps = []
         for i, token in enumerate(token_ids):
             lp = torch.log_softmax(logits[i], dim=-1)
             logprob = TokenLogprob(token, float(lp[token]), _top(lp, self.params.logprobs))
-            steps.append(self._make_step(token, logits[i], logprob, sink, i, position=first + i))
+            steps.append(self._make_step(token, logits[i], logprob, attention[i], position=first + i))
         return steps
 
     def fork(self) -> "Session":
@@ -103,8 +109,9 @@ class Session:
         self._check_open(0)
         child = Session.__new__(Session)
         child.__dict__ |= self.__dict__
+        capture = self.seq.capture.fork() if self.seq.capture is not None else None
         child.seq = Sequence(
-            self._seq_ids.next(), list(self.seq.token_ids), self.seq.num_prompt_tokens, self.params, self.seq.capture
+            self._seq_ids.next(), list(self.seq.token_ids), self.seq.num_prompt_tokens, self.params, capture
         )
         child.seq.block_table = self.blocks.fork(self.seq.block_table)
         if self.seq.generator is not None:
@@ -122,13 +129,9 @@ class Session:
         self.seq.num_prompt_tokens = min(self.seq.num_prompt_tokens, self.seq.num_tokens)
         # Keep the invariant that the last token is uncomputed, so the next step has a query to run.
         self.blocks.truncate(self.seq.block_table, min(self.seq.num_computed, self.seq.num_tokens - 1))
+        if self.seq.capture is not None:
+            self.seq.capture.rewind(self.seq.num_tokens)
         self._detok = self._new_detokenizer()
-
-    def dump(self, path, **options) -> None:
-        """Save the captured attention of every step so far (engine/inspect, docs/ATTENTION.md)."""
-        from engine.inspect.recorder import dump_session
-
-        dump_session(self, path, **options)
 
     def close(self) -> None:
         """Return every block to the pool (idempotent)."""
@@ -176,11 +179,17 @@ class Session:
         lp = torch.log_softmax(logits[0], dim=-1)
         return token, TokenLogprob(token, float(lp[token]), _top(lp, params.logprobs))
 
-    def _make_step(self, token, logits, logprob, sink, row: int, position: int | None = None) -> Step:
+    def _attention(self, sink, queries) -> list[AttentionRows | None]:
+        """The captured rows of these queries (their tokens are in the sequence now), statistics updated."""
+        if sink is None:
+            return [None] * len(queries)
+        rows = self.seq.capture.rows(sink, list(queries))
+        self.seq.capture.update_stats(sink, list(queries), self.seq.token_ids)
+        self.attention_log += rows
+        return rows
+
+    def _make_step(self, token, logits, logprob, attention, position: int | None = None) -> Step:
         position = self.seq.num_tokens - 1 if position is None else position
-        attention = rows_from_sink(sink, position - 1, row) if sink is not None else None
-        if attention is not None:
-            self.attention_log.append(attention)
         return Step(token, self._detok.add(token), logits, logprob, attention, position)
 
     def _new_detokenizer(self) -> IncrementalDetokenizer:

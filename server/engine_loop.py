@@ -36,7 +36,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.attention import AttentionCapture
+from engine.capture import AttentionCapture
 from engine.errors import RequestError
 from engine.llm import LLM
 from engine.outputs import RequestOutput

@@ -15,12 +15,20 @@ Attention of the query that produced the token (its position is `position - 1`),
     top_k:     {"query_position", "heads",
                 "layers": {"<layer>": {"positions": [[k] per head], "probs": [[k] per head],
                                        "key_token_ids": [[k] per head], "leftover": [per head]}}}
-Final event: {"done": true, "finish_reason", "stop_reason", "text", "token_ids", "usage"}.
+    and, when asked: "spans": {"columns": [span names..., "generated", "rest_of_prompt"],
+                               "layers": {"<layer>": [mass per column] (heads averaged when `heads`
+                                          was omitted) or [[mass per column] per head]}},
+    "scores" / "value_norms": {"<layer>": [[value per key] per head]}, and on the first event
+    "prefill_matrix": {"<layer>": [[[p per key] per prompt query] per head]}.
+Final event: {"done": true, "finish_reason", "stop_reason", "text", "token_ids", "usage"}, plus
+"attention_heads": [{"layer", "head", "label", "secondary", "score", "scores", "detail"}] for every
+captured head when attention was asked (unless "head_stats": false); labels in docs/ATTENTION.md.
 An engine failure mid-stream ends the stream with {"error": {...}}.
 """
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 
@@ -63,7 +71,8 @@ def _generate_inputs(state: ServerState, body: GenerateRequest) -> tuple[list[in
     ids, prompt_param = _one_prompt(llm, body)
     requested = body.max_tokens if body.max_tokens is not None else GENERATE_DEFAULT_MAX_TOKENS
     max_tokens = max_tokens_for(llm, len(ids), requested, prompt_param=prompt_param)
-    capture = attention_capture(body.attention, llm, state.settings, len(ids), max_tokens) if body.attention else None
+    text = body.prompt if isinstance(body.prompt, str) else None
+    capture = attention_capture(body.attention, llm, state.settings, ids, max_tokens, text) if body.attention else None
     # The chosen token's logprob is always reported; top alternatives only when asked.
     logprobs = body.logprobs if body.logprobs is not None else 0
     renames = {"prompt": prompt_param}
@@ -72,24 +81,66 @@ def _generate_inputs(state: ServerState, body: GenerateRequest) -> tuple[list[in
     return ids, sub, renames
 
 
-def attention_json(rows: AttentionRows, all_ids: list[int], top_k: int | None) -> dict:
+def attention_json(rows: AttentionRows, all_ids: list[int], head_mean: bool) -> dict:
+    """One token's attention event (module docstring); `head_mean`: spans averaged over the heads."""
     q = rows.query_position
     out: dict = {"query_position": q, "heads": list(rows.heads)}
-    if top_k is None:
+    if rows.layers:
         out["key_positions"] = list(range(q + 1))
         out["key_token_ids"] = all_ids[: q + 1]
         out["layers"] = {str(layer): r.tolist() for layer, r in rows.layers.items()}
-    else:
-        layers = {}
-        for layer, t in rows.top_k(top_k).items():
-            layers[str(layer)] = {
+    elif rows.top is not None:
+        out["layers"] = {
+            str(layer): {
                 "positions": t.positions.tolist(),
                 "probs": t.probs.tolist(),
                 "key_token_ids": [[all_ids[p] for p in head] for head in t.positions.tolist()],
                 "leftover": t.leftover.tolist(),
             }
-        out["layers"] = layers
+            for layer, t in rows.top.items()
+        }
+    if rows.spans is not None:
+        masses = rows.spans.head_mean() if head_mean else rows.spans.layers
+        out["spans"] = {"columns": list(rows.spans.columns),
+                        "layers": {str(layer): m.tolist() for layer, m in masses.items()}}
+    for name in ("scores", "value_norms"):
+        extra = getattr(rows, name)
+        if extra is not None:  # -inf (a pre-softmax score past the query) is not JSON: null
+            out[name] = {str(layer): [[finite(x) for x in head] for head in r.tolist()] for layer, r in extra.items()}
+    if rows.prefill is not None:
+        out["prefill_matrix"] = {str(layer): m.tolist() for layer, m in rows.prefill.items()}
     return out
+
+
+def head_stats_json(stats) -> list[dict]:
+    """Every captured head's scores and labels (engine/head_stats.py, docs/ATTENTION.md)."""
+    from engine.head_stats import label_heads
+
+    return [
+        {"layer": lab.layer, "head": lab.head, "label": lab.label, "secondary": lab.secondary,
+         "score": _number(lab.score), "scores": {k: _number(v) for k, v in lab.scores.items()},
+         "detail": _plain(lab.detail)}
+        for lab in label_heads(stats)
+    ]
+
+
+def _plain(value):
+    """numpy scalars and arrays inside a label's detail as JSON values."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "tolist"):
+        return _plain(value.tolist())
+    if isinstance(value, float):
+        return _number(value)
+    return value
+
+
+def _number(x: float) -> float | None:
+    """A score with no rows to count (NaN) is null."""
+    x = float(x)
+    return x if math.isfinite(x) else None
 
 
 @router.post("/generate")
@@ -100,7 +151,7 @@ async def generate(body: GenerateRequest, request: Request):
     ids, sub, renames = await run_in_threadpool(_generate_inputs, state, body)  # off the event loop
     with request_errors(renames):
         group = await state.loop().submit([sub], arrival)
-    top_k = body.attention.top_k if body.attention else None
+    head_mean = body.attention is not None and body.attention.heads is None
     want_top = body.logprobs is not None
     tokenizer = llm.tokenizer
     request_id = f"gen-{uuid.uuid4().hex}"
@@ -115,14 +166,17 @@ async def generate(body: GenerateRequest, request: Request):
                                   for t, v in (lp.top if lp is not None else [])]
         ev["position"] = len(out.prompt_token_ids) + out.num_output_tokens - 1
         if out.attention:
-            ev["attention"] = attention_json(out.attention[0], out.prompt_token_ids + out.token_ids, top_k)
+            ev["attention"] = attention_json(out.attention[0], out.prompt_token_ids + out.token_ids, head_mean)
         return ev
 
     def final_event(out: RequestOutput) -> dict:
         n = len(out.token_ids)
-        return {"done": True, "finish_reason": out.finish_reason, "stop_reason": out.stop_reason, "text": out.text,
-                "token_ids": list(out.token_ids),
-                "usage": {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}}
+        ev = {"done": True, "finish_reason": out.finish_reason, "stop_reason": out.stop_reason, "text": out.text,
+              "token_ids": list(out.token_ids),
+              "usage": {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}}
+        if out.head_stats is not None and out.head_stats.n_rows:
+            ev["attention_heads"] = head_stats_json(out.head_stats)
+        return ev
 
     if not body.stream:
         events: list[dict] = []

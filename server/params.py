@@ -7,13 +7,17 @@ chat's `max_completion_tokens` and `messages` are named as the client wrote them
 
 Attention size rule (`attention_values`): a request streams, per generated token and per captured
 layer x head, one row over the whole context (full rows) or its top_k entries. Over a request of
-P prompt tokens and M = max_tokens new tokens, the k-th token's row has P - 1 + k entries, so
+P prompt tokens and M = max_tokens new tokens, the k-th token's row has P - 1 + k entries, so the sum of
 
-    full rows: layers x heads x (M * (P - 1) + M * (M + 1) / 2)
-    top_k:     layers x heads x sum_k min(top_k, P - 1 + k)
+    full rows:      layers x heads x (M * (P - 1) + M * (M + 1) / 2), once more for each of
+                    `scores` and `value_norms`
+    top_k:          layers x heads x sum_k min(top_k, P - 1 + k)
+    spans:          layers x (heads, or 1 when heads are omitted: their average) x (spans + 2) x M
+    prefill_matrix: layers x heads x P * (P + 1) / 2
 
 must not exceed `settings.max_attention_values`; `top_k` may not exceed `settings.max_attention_top_k`.
-Layers/heads omitted mean all of them, so full rows over every layer and head only fit short requests.
+Layers/heads omitted mean all of them, so full rows over every layer and head only fit short requests;
+spans over every layer fit long ones.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from engine.attention import AttentionCapture
+from engine.capture import AttentionCapture, Span, char_span, token_char_offsets
 from engine.errors import RequestError
 from engine.llm import LLM
 from engine.sampling import SamplingParams
@@ -146,35 +150,70 @@ def choice_seeds(seed: int | None, n: int) -> list[int | None]:
 # ---- attention ---------------------------------------------------------------------------------------
 
 
-def attention_capture(spec: AttentionRequest, llm: LLM, settings: ServerSettings, num_prompt: int,
-                      max_tokens: int) -> AttentionCapture:
-    """Validate an attention request and check its size (module docstring); 400 naming the field."""
+def attention_capture(spec: AttentionRequest, llm: LLM, settings: ServerSettings, ids: list[int],
+                      max_tokens: int, prompt_text: str | None = None) -> AttentionCapture:
+    """Validate an attention request and check its size (module docstring); 400 naming the field.
+    Character spans need the prompt as a string (`prompt_text`)."""
     cfg = llm.config
     with request_errors():
-        capture = AttentionCapture(layers=spec.layers, heads=spec.heads, top_k=spec.top_k)
-        capture.validate(cfg.num_hidden_layers, cfg.num_attention_heads)
+        capture = AttentionCapture(
+            layers=spec.layers, heads=spec.heads, top_k=spec.top_k, prefill_matrix=spec.prefill_matrix,
+            spans=_spans(spec.spans, llm, ids, prompt_text) if spec.spans is not None else None,
+            rows=spec.rows, head_stats=spec.head_stats, scores=spec.scores, value_norms=spec.value_norms)
+        capture.validate(cfg.num_hidden_layers, cfg.num_attention_heads, len(ids))
     if spec.top_k is not None and spec.top_k > settings.max_attention_top_k:
         raise APIError(400, f"attention.top_k must be in [1, {settings.max_attention_top_k}], got {spec.top_k}",
                        param="attention.top_k")
-    n = attention_values(spec, cfg.num_hidden_layers, cfg.num_attention_heads, num_prompt, max_tokens)
+    n = attention_values(capture, cfg.num_hidden_layers, cfg.num_attention_heads, len(ids), max_tokens)
     if n > settings.max_attention_values:
         raise APIError(
             400,
-            f"attention dump too large: {n:,} values for {max_tokens} tokens over a {num_prompt}-token prompt "
-            f"(layers x heads x row length, summed over tokens), the limit is {settings.max_attention_values:,}; "
-            "capture fewer layers/heads, set attention.top_k, or lower max_tokens",
+            f"attention dump too large: {n:,} values for {max_tokens} tokens over a {len(ids)}-token prompt "
+            f"(see the size rule in the server docs), the limit is {settings.max_attention_values:,}; "
+            "capture fewer layers/heads, set attention.top_k, use spans, or lower max_tokens",
             param="attention", code="attention_too_large",
         )
     return capture
 
 
-def attention_values(spec: AttentionRequest, num_layers: int, num_heads: int, num_prompt: int, max_tokens: int) -> int:
-    rows = len(spec.layers or range(num_layers)) * len(spec.heads or range(num_heads))
+def _spans(spans: list, llm: LLM, ids: list[int], prompt_text: str | None) -> list[Span]:
+    """Token spans as given, or character spans mapped to the tokens that overlap them."""
+    out, chars = [], {}
+    for i, s in enumerate(spans):
+        by_token, by_char = s.start is not None or s.end is not None, s.start_char is not None or s.end_char is not None
+        if by_token == by_char or None in ((s.start, s.end) if by_token else (s.start_char, s.end_char)):
+            raise RequestError(f"attention.spans[{i}]", "give a span either start and end (token positions) or "
+                                                        "start_char and end_char (character offsets)")
+        if by_token:
+            out.append(Span(s.name, s.start, s.end))
+        else:
+            chars[i] = s
+    if chars:
+        if prompt_text is None:
+            raise RequestError("attention.spans", "character spans need the prompt as a string; give token "
+                                                  "positions (see /tokenize)")
+        starts, ends = token_char_offsets(llm.tokenizer, ids, prompt_text)
+        for i, s in sorted(chars.items()):
+            out.insert(i, char_span(s.name, s.start_char, s.end_char, starts, ends))
+    return out
+
+
+def attention_values(capture: AttentionCapture, num_layers: int, num_heads: int, num_prompt: int,
+                     max_tokens: int) -> int:
+    layers, heads = len(capture.layers or range(num_layers)), len(capture.heads or range(num_heads))
+    rows = layers * heads
     P, M = num_prompt, max_tokens
-    if spec.top_k is None:
-        return rows * (M * (P - 1) + M * (M + 1) // 2)
-    k = spec.top_k
-    # sum over j = 1..M of min(k, P - 1 + j)
-    short = max(0, min(M, k - (P - 1)))  # tokens whose row is still shorter than k
-    total = short * (P - 1) + short * (short + 1) // 2 + (M - short) * k
-    return rows * total
+    total = 0
+    if capture.full_rows or capture.scores or capture.value_norms:
+        per_row = M * (P - 1) + M * (M + 1) // 2
+        total += rows * per_row * (int(capture.full_rows) + int(capture.scores) + int(capture.value_norms))
+    if capture.top_k is not None:
+        k = capture.top_k
+        # sum over j = 1..M of min(k, P - 1 + j)
+        short = max(0, min(M, k - (P - 1)))  # tokens whose row is still shorter than k
+        total += rows * (short * (P - 1) + short * (short + 1) // 2 + (M - short) * k)
+    if capture.spans is not None:
+        total += layers * (heads if capture.heads is not None else 1) * (len(capture.spans) + 2) * M
+    if capture.prefill_matrix:
+        total += rows * P * (P + 1) // 2
+    return total

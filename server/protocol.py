@@ -201,12 +201,37 @@ class ChatCompletionRequest(SamplingFields):
     user: StrictStr | None = None
 
 
+MAX_SPANS = 64
+
+
+class SpanRequest(_Body):
+    """A named part of the prompt: token positions `start`..`end` (end exclusive), or character offsets
+    `start_char`..`end_char` into a string `prompt`."""
+
+    name: Annotated[StrictStr, Field(min_length=1, max_length=128)]
+    start: NonNegInt | None = None
+    end: PositiveInt | None = None
+    start_char: NonNegInt | None = None
+    end_char: PositiveInt | None = None
+
+
 class AttentionRequest(_Body):
     layers: Annotated[list[NonNegInt], Field(min_length=1, json_schema_extra={"uniqueItems": True})] | None = Field(
         default=None, description="layer indices, no duplicates; omit for every layer")
     heads: Annotated[list[NonNegInt], Field(min_length=1, json_schema_extra={"uniqueItems": True})] | None = Field(
-        default=None, description="query head indices, no duplicates; omit for every head")
+        default=None, description="query head indices, no duplicates; omit for every head (with spans alone: "
+                                  "the heads' average)")
     top_k: PositiveInt | None = Field(default=None, description="keep the top_k keys per row; omit for full rows")
+    spans: Annotated[list[SpanRequest], Field(min_length=1, max_length=MAX_SPANS)] | None = Field(
+        default=None, description="attention mass on these prompt spans, the generated tokens and the rest of "
+                                  "the prompt, per token and captured layer")
+    rows: StrictBool | None = Field(default=None, description="stream full rows (default: unless top_k or spans)")
+    head_stats: StrictBool = Field(default=True, description="every captured head's pattern scores and labels "
+                                                             "on the final event")
+    prefill_matrix: StrictBool = Field(default=False, description="the prompt's whole attention matrix, on the "
+                                                                 "first token's event")
+    scores: StrictBool = Field(default=False, description="also the pre-softmax scores q.k/sqrt(d) of full rows")
+    value_norms: StrictBool = Field(default=False, description="also ||p_j v_j W_O|| per key of full rows")
 
 
 def _one_of(*names: str) -> dict:

@@ -246,12 +246,17 @@ def test_prefill_matrix_capture_matches_hf(gqa_llm, tiny_hf):
         assert llm.blocks.allocator.num_used == 0
 
 
-def test_capture_top_k_fills_the_summary(gqa_llm):
-    out = gqa_llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=2), AttentionCapture(top_k=3))[0]
-    for rows in out.attention:
-        assert rows.top is not None and sorted(rows.top) == sorted(rows.layers)
+def test_capture_top_k_is_reduced_on_the_device(gqa_llm):
+    params = SamplingParams(temperature=0.0, max_tokens=3)
+    top_only = gqa_llm.generate(PROMPT, params, AttentionCapture(top_k=3))[0]
+    both = gqa_llm.generate(PROMPT, params, AttentionCapture(top_k=3, rows=True))[0]
+    for rows, full in zip(top_only.attention, both.attention):
+        assert rows.layers == {} and sorted(rows.top) == sorted(full.layers) == [0, 1]  # top-k alone: no full rows
         for layer, t in rows.top.items():
-            np.testing.assert_array_equal(t.probs, rows.top_k(3)[layer].probs)
+            want = full.top_k(3)[layer]  # the same top-k, computed on the host from the full rows
+            np.testing.assert_array_equal(t.probs, want.probs)
+            np.testing.assert_array_equal(t.positions, want.positions)
+            np.testing.assert_allclose(t.leftover, want.leftover, atol=1e-6)
     plain = gqa_llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=1), AttentionCapture())[0]
     assert plain.attention[0].top is None
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from engine import LLM, AttentionCapture
-from engine.inspect import Probe, load_dump, record_prompt, run_probe, save_dump
+from engine.inspect import Probe, dump_session, load_dump, record_prompt, run_probe, save_dump
 from engine.inspect.cli import index_list, main
 from engine.inspect.report import render_report
 from engine.inspect.stats import label_heads, top_heads
@@ -158,7 +158,7 @@ def test_session_dump_round_trips_bit_exactly(pattern_llm, pattern_ids, tmp_path
         child.step()
         assert len(s.attention_log) == 13 and len(child.attention_log) == 14
         first = tmp_path / "a.safetensors"
-        s.dump(first)
+        dump_session(s, first)
         live = {r.query_position: r.layers[0] for r in s.attention_log}
     dump = load_dump(first)
     assert list(dump.query_positions) == sorted(live) and dump.prompt_len == 3
@@ -168,7 +168,9 @@ def test_session_dump_round_trips_bit_exactly(pattern_llm, pattern_ids, tmp_path
     second = save_dump(dump, tmp_path / "b.safetensors")
     assert first.read_bytes() == second.read_bytes()
     again = load_dump(second)
-    assert np.array_equal(again.stats.mass, dump.stats.mass) and again.token_texts == dump.token_texts
+    a, b = again.stats.state(), dump.stats.state()
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert again.token_texts == dump.token_texts
 
 
 def test_cli_report_from_a_dump_equals_the_live_one(pattern_llm, tmp_path, capsys):
@@ -198,7 +200,7 @@ def test_probe_induction_heads_match_transformers(smollm2_llm, smollm2_hf):
     ids = probe.token_ids(smollm2_llm)
     assert ids[0] == 1 and ids[1:51] == ids[51:]
     dump = run_probe(smollm2_llm, probe)
-    ours = top_heads(dump.stats, "induction", 5)
+    ours = top_heads(dump.stats, "induction_tl", 5)
     # The same score from transformers' eager attentions: TransformerLens' induction pattern, "mul" measure,
     # over the same query rows (the probe's last token is never a query, so drop it).
     with torch.no_grad():
@@ -213,6 +215,16 @@ def test_probe_induction_heads_match_transformers(smollm2_llm, smollm2_hf):
     assert [(layer, head) for layer, head, _ in ours] == [divmod(i, a.shape[1]) for i in best]
     assert np.allclose([v for *_, v in ours], scores.flatten()[best].numpy(), atol=1e-4)
     assert ours[0][2] > 0.4
+    # Measured over the rows where induction can happen (the second copy), those five heads are labelled
+    # induction, with copying second (an induction head's strongest key holds the token that comes next).
+    five = {(17, 3), (17, 4), (17, 5), (18, 6), (18, 7)}
+    assert {(layer, head) for layer, head, _ in ours} == five
+    labels = {(lab.layer, lab.head): lab for lab in label_heads(dump.stats)}
+    for key in five:
+        assert (labels[key].label, labels[key].secondary) == ("induction", "copying"), labels[key]
+        # Eligible rows: the second copy's queries but the last token, which is never a query.
+        assert labels[key].score > 0.6 and labels[key].detail["induction_rows"] == probe.length - 1
+    assert {x[:2] for x in top_heads(dump.stats, "induction", 5)} == five
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import pytest
 
-from engine import LLM, AttentionCapture, SamplingParams
+from engine import LLM, AttentionCapture, SamplingParams, char_spans
 from live_server import LiveServer
 from server import ServerSettings, create_app
 
@@ -290,6 +290,58 @@ def test_generate_top_k_ndjson_and_non_stream(live, http, llm):
 
     r = http.post("/generate", json={**body, "stream": False}).json()
     assert [t["token_id"] for t in r["tokens"]] == ref.token_ids and r["text"] == ref.text and r["done"]
+
+
+def test_generate_span_masses_equal_the_library(live, http, llm):
+    """Spans alone over HTTP: every layer, head-averaged, each token; the same numbers as the library's."""
+    prompt = "Doc A: the sky is green. Doc B: the grass is blue. Question: what colour is the sky? Answer:"
+    ids = llm.tokenizer.encode(prompt)
+    a, b = prompt.index("Doc A"), prompt.index("Doc B")
+    spans = [{"name": "a", "start_char": a, "end_char": b - 1}, {"name": "b", "start_char": b,
+                                                               "end_char": prompt.index(" Question")}]
+    n = 3
+    body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "attention": {"spans": spans}}
+    with http.stream("POST", "/generate", json=body) as resp:
+        events = sse_events(resp.iter_lines())
+    tokens, final = events[:-1], events[-1]
+    assert len(tokens) == n and final["done"]
+    assert "layers" not in tokens[0]["attention"]  # spans alone: no rows
+
+    got_ids, want_spans = char_spans(llm.tokenizer, prompt, {
+        "a": (a, b - 1), "b": (b, prompt.index(" Question"))})
+    assert got_ids == ids
+    capture = AttentionCapture(spans=want_spans)
+    ref = live.on_engine_thread(lambda: llm.generate(ids, SamplingParams(temperature=0, max_tokens=n),
+                                                     capture=capture)[0])
+    for ev, rows in zip(tokens, ref.attention, strict=True):
+        att = ev["attention"]["spans"]
+        assert att["columns"] == ["a", "b", "generated", "rest_of_prompt"]
+        assert set(att["layers"]) == {str(i) for i in range(llm.config.num_hidden_layers)}
+        for layer, masses in rows.spans.head_mean().items():
+            np.testing.assert_allclose(att["layers"][str(layer)], masses, atol=1e-6)
+            assert abs(sum(att["layers"][str(layer)]) - 1) < 1e-4
+    # Every captured head's scores and labels come on the final event.
+    heads = final["attention_heads"]
+    assert len(heads) == llm.config.num_hidden_layers * llm.config.num_attention_heads
+    assert all(isinstance(h["label"], str) and "induction" in h["scores"] for h in heads)
+
+    # Token spans with heads: per head; the prompt's matrix on the first event.
+    body = {"prompt": ids, "max_tokens": 1, "temperature": 0, "stream": False,
+            "attention": {"layers": [2], "heads": [0, 1], "spans": [{"name": "x", "start": 1, "end": 4}],
+                          "prefill_matrix": True, "head_stats": False}}
+    r = http.post("/generate", json=body).json()
+    att = r["tokens"][0]["attention"]
+    assert np.array(att["spans"]["layers"]["2"]).shape == (2, 3)
+    matrix = np.array(att["prefill_matrix"]["2"])
+    assert matrix.shape == (2, len(ids), len(ids)) and np.allclose(matrix.sum(-1), 1, atol=1e-4)
+    assert "attention_heads" not in r
+
+    for spans, param in (([{"name": "x", "start": 0, "end": 999}], "attention.spans"),
+                         ([{"name": "x", "start": 0, "end": 3}, {"name": "y", "start": 2, "end": 5}], "attention.spans"),
+                         ([{"name": "x", "start": 0, "end_char": 3}], "attention.spans[0]"),
+                         ([{"name": "x", "start_char": 0, "end_char": 3}], "attention.spans")):
+        bad = {"prompt": ids, "max_tokens": 1, "attention": {"spans": spans}}  # token ids: no character spans
+        assert_error(http.post("/generate", json=bad), 400, param)
 
 
 # ---- errors ---------------------------------------------------------------------------------------------

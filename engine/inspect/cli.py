@@ -6,6 +6,7 @@ Also runnable on its own: `python -m engine.inspect.cli attn ...`.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from collections import Counter
 from pathlib import Path
@@ -39,6 +40,9 @@ def add_subcommands(subparsers) -> None:
     a.add_argument("--out", type=Path, metavar="HTML", help="write the HTML report here")
     a.add_argument("--png", type=Path, metavar="DIR", help="write PNG heatmaps here (needs matplotlib)")
     a.add_argument("--save-dump", type=Path, metavar="FILE", help="save the recorded run (.safetensors)")
+    a.add_argument("--span", type=span_arg, action="append", dest="spans", metavar="NAME:START:END",
+                   help="a span of the prompt, token positions START..END-1 (repeatable; spans must lie in the "
+                        "prompt and not overlap): the report shows each step's attention on it")
     a.set_defaults(func=run_attn)
 
 
@@ -56,6 +60,38 @@ def index_list(text: str) -> tuple[int, ...]:
     return tuple(dict.fromkeys(out))
 
 
+def span_arg(text: str) -> dict:
+    """'doc1:0:40' -> {"name": "doc1", "start": 0, "end": 40} (the name may itself hold colons)."""
+    parts = text.rsplit(":", 2)
+    try:
+        name, start, end = parts[0], int(parts[1]), int(parts[2])
+    except (IndexError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected NAME:START:END with token positions, got {text!r}") from None
+    if not name:
+        raise argparse.ArgumentTypeError(f"span {text!r} has no name")
+    if start < 0 or end <= start:
+        raise argparse.ArgumentTypeError(f"span {text!r}: need 0 <= START < END (END is exclusive)")
+    return {"name": name, "start": start, "end": end}
+
+
+def check_spans(spans: list[dict] | None, prompt_len: int) -> list[dict]:
+    """Spans must lie in the prompt's `prompt_len` tokens, have distinct names and not overlap."""
+    spans = list(spans or [])
+    for sp in spans:
+        if sp["end"] > prompt_len:
+            raise ValueError(f"span {sp['name']} [{sp['start']}, {sp['end']}) is not inside the prompt "
+                             f"(positions 0..{prompt_len - 1}, {prompt_len} tokens)")
+    names = [sp["name"] for sp in spans]
+    if len(set(names)) != len(names):
+        raise ValueError(f"span names must be distinct, got {', '.join(names)}")
+    ordered = sorted(spans, key=lambda sp: sp["start"])
+    for a, b in itertools.pairwise(ordered):
+        if b["start"] < a["end"]:
+            raise ValueError(f"spans {a['name']} [{a['start']}, {a['end']}) and {b['name']} "
+                             f"[{b['start']}, {b['end']}) overlap")
+    return spans
+
+
 def run_attn(args: argparse.Namespace) -> int:
     from engine.inspect.dump import load_dump, save_dump
     from engine.inspect.stats import Thresholds
@@ -69,6 +105,8 @@ def run_attn(args: argparse.Namespace) -> int:
         if args.layers or args.heads or args.top_k:
             raise ValueError("--layers, --heads and --top-k shape a recording; a dump holds what it was saved with")
         dump = load_dump(args.dump)
+        if getattr(args, "spans", None):  # spans are a way to read the rows: they can be given afresh
+            dump.info = {**dump.info, "spans": check_spans(args.spans, dump.prompt_len)}
     else:
         dump = _record(args)
     _print_summary(dump, thresholds)
@@ -89,7 +127,7 @@ def run_attn(args: argparse.Namespace) -> int:
 
 
 def _record(args: argparse.Namespace):
-    from engine.attention import AttentionCapture
+    from engine.capture import AttentionCapture
     from engine.llm import LLM
 
     if args.max_tokens < 0:
@@ -99,10 +137,14 @@ def _record(args: argparse.Namespace):
     capture.validate(llm.config.num_hidden_layers, llm.config.num_attention_heads)
     kwargs = {"top_k": args.top_k, "window": args.window}
     info = {"model": str(args.model), "dtype": args.dtype}
+    spans = getattr(args, "spans", None)
     if args.probe:
         from engine.inspect.probe import Probe, run_probe
 
-        return run_probe(llm, Probe(args.probe_length, args.seed), capture, info=info, **kwargs)
+        probe = Probe(args.probe_length, args.seed)
+        if spans:
+            info["spans"] = check_spans(spans, len(probe.token_ids(llm)))
+        return run_probe(llm, probe, capture, info=info, **kwargs)
     from engine.inspect.recorder import record_prompt
 
     if args.chat:
@@ -112,11 +154,13 @@ def _record(args: argparse.Namespace):
     if not ids:
         raise ValueError("the prompt is empty")
     info |= {"source": "prompt", "chat": args.chat, "max_tokens": args.max_tokens}
+    if spans:
+        info["spans"] = check_spans(spans, len(ids))  # before the model runs
     return record_prompt(llm, ids, capture, max_tokens=args.max_tokens, info=info, **kwargs)
 
 
 def _print_summary(dump, thresholds) -> None:
-    from engine.inspect.stats import label_heads, top_heads
+    from engine.head_stats import label_heads, top_heads
 
     stats = dump.stats if dump.stats is not None else dump.recompute_stats()
     labels = label_heads(stats, thresholds)
@@ -124,10 +168,23 @@ def _print_summary(dump, thresholds) -> None:
           f"{len(stats.layers)} layers x {len(stats.heads)} heads ({dump.n_kv_heads} KV heads)")
     counts = Counter(lab.label for lab in labels)
     print("labels: " + ", ".join(f"{name} {n}" for name, n in counts.most_common()))
-    for name, title in (("induction", "induction"), ("prev", "previous-token"), ("duplicate", "duplicate"),
-                        ("sink", "first-token")):
-        tops = ", ".join(f"L{layer}H{head} {v:.3f}" for layer, head, v in top_heads(stats, name, 5))
-        print(f"top {title}: {tops}")
+    second = Counter(lab.secondary for lab in labels if lab.secondary is not None)
+    if second:
+        print("secondary: " + ", ".join(f"{name} {n}" for name, n in second.most_common()))
+    by_head = {(lab.layer, lab.head): lab for lab in labels}
+    for name, title in (("induction", "induction"), ("copying", "copying"), ("duplicate", "duplicate"),
+                        ("positional", "positional"), ("prev", "previous-token"), ("long_range", "long-range"),
+                        ("syntax", "separators"), ("global", "global columns"), ("sink", "first-token")):
+        tops = []
+        for layer, head, v in top_heads(stats, name, 5):
+            lab = by_head[(layer, head)]
+            extra = ""
+            if name == "positional":
+                extra = f" @-{lab.detail['offset']}"
+            elif name == "global" and lab.detail["global_columns"]:
+                extra = " @" + "+".join(str(c["position"]) for c in lab.detail["global_columns"][:3])
+            tops.append(f"L{layer}H{head} {v:.3f}{extra} ({lab.label})")
+        print(f"top {title}: {', '.join(tops)}")
 
 
 def _size(path: Path) -> str:

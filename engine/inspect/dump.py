@@ -13,7 +13,9 @@ One file holds the tensors below plus a JSON header in the safetensors metadata 
     topk_positions   int32   [L, H, S, k]   mode "topk": the k largest per row (-1 pads rows shorter than k)
     topk_values      float16 [L, H, S, k]
     topk_leftover    float32 [L, H, S]      1 - sum(topk_values), so each row sums to 1 exactly in float32
-    stats_mass, stats_total, stats_spread   float64 accumulators of `HeadStats` (from the float32 rows)
+    stats.<name>                            the accumulators of `engine.head_stats.HeadStats.state()` (from the
+                                            float32 rows); version 1 files held stats_mass/total/spread instead,
+                                            and their statistics are recomputed from the rows on loading
 """
 
 from __future__ import annotations
@@ -23,12 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from engine.inspect.stats import PATTERNS, SPREAD, HeadStats
+from engine.head_stats import SCORES, HeadStats, separator_mask_from_texts
 from engine.outputs import AttentionRows
 
 FORMAT = "kvmini.attention"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: the same rows, older statistics (recomputed on loading)
+STATS_PREFIX = "stats."
 HEADER_KEY = "kvmini.attention"
 VALUE_DTYPE = np.float16
 
@@ -104,12 +109,17 @@ class AttentionDump:
                 out[s, pos[pos >= 0]] = self.topk.values[li, hi, s][pos >= 0]
         return out
 
-    def recompute_stats(self, window: int = 4) -> HeadStats:
-        """Statistics from the stored (float16 or top-k) rows, for dumps written without them."""
-        stats = HeadStats(self.layers, self.heads, window)
+    def recompute_stats(self, window: int = 4, **options) -> HeadStats:
+        """Statistics from the stored (float16 or top-k) rows, for dumps written without them (or by version 1).
+
+        Separators are recognised from `token_texts` (no tokenizer needed)."""
+        stats = HeadStats(self.layers, self.heads, window=window, **options,
+                          separator_mask=separator_mask_from_texts(self.token_ids, self.token_texts))
+        ids = [int(t) for t in self.token_ids]
         for s in range(self.num_steps):
             r = self.rows(s)
-            stats.update(r.query_position, r.key_positions, self.token_ids, r.layers)
+            rows = np.stack([r.layers[layer] for layer in self.layers])[:, :, None, :]
+            stats.update([r.query_position], torch.from_numpy(rows), ids)
         return stats
 
 
@@ -136,10 +146,13 @@ def save_dump(dump: AttentionDump, path: str | Path) -> Path:
     stats_header = None
     if dump.stats is not None:
         st = dump.stats
-        tensors |= {"stats_mass": st.mass, "stats_total": st.total, "stats_spread": st.spread}
+        state = st.state()
+        tensors |= {STATS_PREFIX + name: value for name, value in state.items()}
         stats_header = {
-            "window": st.window, "n_rows": st.n_rows, "n_spread_rows": st.n_spread_rows,
-            "patterns": list(PATTERNS), "spread": list(SPREAD),
+            "window": st.window, "max_offset": st.max_offset, "long_range": st.long_range,
+            "global_mean": st.global_mean, "global_rows": st.global_rows, "global_lift": st.global_lift,
+            "n_rows": st.n_rows,
+            "tensors": sorted(state), "scores": list(SCORES),
         }
     header = {
         "format": FORMAT,
@@ -177,16 +190,16 @@ def load_dump(path: str | Path) -> AttentionDump:
     if HEADER_KEY not in meta:
         raise ValueError(f"{path} is a safetensors file but not an attention dump (no '{HEADER_KEY}' metadata)")
     h = json.loads(meta[HEADER_KEY])
-    if h.get("format") != FORMAT or h.get("version") != VERSION:
+    if h.get("format") != FORMAT or h.get("version") not in READABLE_VERSIONS:
         raise ValueError(f"{path}: unsupported dump format {h.get('format')!r} version {h.get('version')!r}")
     layers, heads = tuple(int(x) for x in t["layers"]), tuple(int(x) for x in t["heads"])
     stats = None
-    if h.get("stats") is not None:
-        sh = h["stats"]
-        stats = HeadStats(
-            layers, heads, sh["window"], t["stats_mass"], t["stats_total"], t["stats_spread"], sh["n_rows"],
-            sh["n_spread_rows"],
-        )
+    if h.get("stats") is not None and h["version"] >= 2:
+        state = {name[len(STATS_PREFIX) :]: v for name, v in t.items() if name.startswith(STATS_PREFIX)}
+        try:
+            stats = HeadStats.from_state(state)
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{path}: malformed head statistics: {e}") from None
     topk = None
     if h["mode"] == "topk":
         topk = TopKRows(t["topk_positions"], t["topk_values"], t["topk_leftover"])
@@ -198,6 +211,9 @@ def load_dump(path: str | Path) -> AttentionDump:
         stats=stats, info=h.get("info") or {},
     )
     _check(dump, path)
+    if h["version"] == 1:  # the old accumulators are not the new statistics: recompute them from the rows
+        window = (h.get("stats") or {}).get("window", 4)
+        dump.stats = dump.recompute_stats(window)
     return dump
 
 

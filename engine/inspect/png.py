@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 
 from engine.inspect.dump import AttentionDump
-from engine.inspect.stats import HeadStats, top_heads
+from engine.inspect.report import top_heads  # the labelling module that made the statistics
 
 MISSING = "--png needs matplotlib, the optional 'plot' extra: pip install 'kvmini[plot]' (or pip install matplotlib)"
-MAX_TICK_LABELS = 64
+MAX_TICK_LABELS = 64  # beyond this many tokens, every n-th label (and the position with it)
 
 
 def require_matplotlib() -> None:
@@ -21,9 +21,10 @@ def require_matplotlib() -> None:
         raise ValueError(MISSING) from None
 
 
-def default_png_heads(stats: HeadStats) -> list[tuple[int, int]]:
-    """The best head for induction, previous token, duplicate token and first token."""
-    heads = [top_heads(stats, name, 1)[0][:2] for name in ("induction", "prev", "duplicate", "sink")]
+def default_png_heads(stats) -> list[tuple[int, int]]:
+    """The best head for induction, previous token, duplicate token and first token (those scored)."""
+    names = [n for n in ("induction", "prev", "duplicate", "sink") if n in stats.scores()]
+    heads = [top_heads(stats, name, 1)[0][:2] for name in names]
     return list(dict.fromkeys(heads))
 
 
@@ -44,11 +45,13 @@ def write_pngs(dump: AttentionDump, out_dir: str | Path, heads: list[tuple[int, 
     return written
 
 
-def _score_maps(plt, stats: HeadStats, path: Path) -> Path:
+def _score_maps(plt, stats, path: Path) -> Path:
     scores = stats.scores()
-    names = (("induction", "induction score"), ("prev", "previous-token score"))
-    fig, axes = plt.subplots(1, 2, figsize=(2 + 0.45 * len(stats.heads) * 2, 1.5 + 0.22 * len(stats.layers)))
-    for ax, (name, title) in zip(axes, names):
+    names = [(n, t) for n, t in (("induction", "induction score"), ("prev", "previous-token score"))
+             if n in scores] or [(n, n) for n in list(scores)[:2]]
+    fig, axes = plt.subplots(1, len(names), figsize=(2 + 0.45 * len(stats.heads) * len(names),
+                                                     1.5 + 0.22 * len(stats.layers)), squeeze=False)
+    for ax, (name, title) in zip(axes[0], names):
         im = ax.imshow(scores[name], cmap="Blues", vmin=0, vmax=1, aspect="auto")
         ax.set_title(title)
         ax.set_xticks(range(len(stats.heads)), [str(h) for h in stats.heads])
@@ -73,13 +76,22 @@ def _head_matrix(plt, dump: AttentionDump, layer: int, head: int, path: Path) ->
     im = ax.imshow(np.ma.masked_array(m, mask), cmap="Blues", norm=PowerNorm(0.5, 0, 1), aspect="auto",
                    interpolation="nearest")
     ax.set_title(f"layer {layer} head {head}: rows = queries, columns = keys (colour on a square-root scale)")
+    show = [repr(t)[1:-1] for t in dump.token_texts]
     if n_cols <= MAX_TICK_LABELS:
-        show = [repr(t)[1:-1] for t in dump.token_texts]
         ax.set_xticks(range(n_cols), show[:n_cols], rotation=90, fontsize=7)
         ax.set_yticks(range(n_rows), [show[q] for q in dump.query_positions], fontsize=7)
-    else:
-        ax.set_xlabel("key position")
-        ax.set_ylabel("step")
+    else:  # every n-th token, with its position, truncated: readable at any length
+        def tick(i: int) -> str:
+            text = show[i] if len(show[i]) <= 10 else show[i][:9] + "\u2026"
+            return f"{i} {text}"
+
+        every = -(-n_cols // MAX_TICK_LABELS)
+        ax.set_xticks(range(0, n_cols, every), [tick(i) for i in range(0, n_cols, every)], rotation=90, fontsize=6)
+        every_r = -(-n_rows // MAX_TICK_LABELS)
+        rows = range(0, n_rows, every_r)
+        ax.set_yticks(rows, [tick(int(dump.query_positions[s])) for s in rows], fontsize=6)
+        ax.set_xlabel(f"key (a label every {every} positions)")
+        ax.set_ylabel("query")
     fig.colorbar(im, ax=ax, fraction=0.04)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

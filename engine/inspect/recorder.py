@@ -1,7 +1,7 @@
 """Recording a decoding run: Steps (or a Session's attention log) in, an `AttentionDump` out.
 
-The recorder updates the head statistics as each row arrives (from the float32 rows, before they are rounded
-to float16 for storage), so statistics never need every row in memory.
+The recorder updates the head statistics (engine/head_stats.py) as each row arrives, from the float32 rows
+before they are rounded to float16 for storage, so statistics never need every row in memory.
 """
 
 from __future__ import annotations
@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
+from engine.head_stats import HeadStats, separator_token_mask
 from engine.inspect.dump import VALUE_DTYPE, AttentionDump, TopKRows, save_dump
-from engine.inspect.stats import HeadStats
 from engine.outputs import AttentionRows
 
-if TYPE_CHECKING:  # only for annotations: the recorder itself needs numpy alone
-    from engine.attention import AttentionCapture
+if TYPE_CHECKING:  # only for annotations
+    from engine.capture import AttentionCapture
     from engine.llm import LLM
     from engine.session import Session, Step
     from engine.tokenizer import Tokenizer
@@ -35,6 +36,8 @@ class Recorder:
     prompt_len: int | None = None  # default: the ids known at construction
     top_k: int | None = None  # keep only the k largest probabilities of each row (plus the leftover)
     window: int = 4  # local-window size of the statistics
+    stats_options: dict = field(default_factory=dict)  # more HeadStats options (max_offset, long_range, ...)
+    separator_mask: object | None = field(default=None, repr=False)  # default: built from the tokenizer
     info: dict = field(default_factory=dict)
     stats: HeadStats | None = None  # created with the first rows (their layers and heads)
     _queries: list[int] = field(default_factory=list, repr=False)
@@ -51,6 +54,7 @@ class Recorder:
     @classmethod
     def for_llm(cls, llm: LLM, token_ids: list[int], **kwargs) -> "Recorder":
         c = llm.config
+        kwargs.setdefault("separator_mask", llm.engine.separator_mask)
         return cls(c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, list(token_ids),
                    llm.tokenizer, **kwargs)
 
@@ -65,15 +69,22 @@ class Recorder:
 
     def add_rows(self, rows: AttentionRows) -> None:
         """Record one query row per captured layer (every call must capture the same layers and heads)."""
+        if not rows.layers:
+            raise ValueError("the recorder needs full rows: capture with AttentionCapture(rows=True)")
         layers = tuple(sorted(rows.layers))
         if self.stats is None:
-            self.stats = HeadStats(layers, rows.heads, self.window)
+            separators = self.separator_mask
+            if separators is None and self.tokenizer is not None:
+                separators = separator_token_mask(self.tokenizer, self.tokenizer.vocab_size)
+            self.stats = HeadStats(layers, rows.heads, window=self.window, separator_mask=separators,
+                                   **self.stats_options)
         elif (layers, tuple(rows.heads)) != (self.stats.layers, self.stats.heads):
             raise ValueError("every recorded step must capture the same layers and heads")
         keys = rows.key_positions
-        self.stats.update(rows.query_position, keys, self.token_ids, rows.layers)
+        full = np.stack([rows.layers[layer] for layer in layers])  # [L, H, keys] float32
+        self.stats.update([rows.query_position], torch.from_numpy(full)[:, :, None, :], self.token_ids)
         if self.top_k is None:
-            self._rows.append(np.stack([rows.layers[layer] for layer in layers]).astype(VALUE_DTYPE))
+            self._rows.append(full.astype(VALUE_DTYPE))
         else:
             self._rows.append(_top_k(rows, layers, self.top_k))
         self._queries.append(int(rows.query_position))
