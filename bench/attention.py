@@ -1,12 +1,13 @@
 """What attention capture costs, in one run: batch-1 decode with and without capture, through the library
 and over HTTP, plus a batch where one request captures and the others do not.
 
-Library (`LLMEngine`, this process): decode-only tokens/s ((tokens - 1) / (last - first token time)) of
-one greedy fixed-length request, for each capture variant, the variants alternated round by round so
-that drift hits all alike; the median of the rounds and its ratio to no capture are reported.
-HTTP: `kvmini serve` in a subprocess, `POST /generate` streamed, the same figure from the arrival of
-the token events, with and without attention. Batch: 8 requests decoding together, aggregate tokens/s,
-with none or one of them capturing every layer and head. Writes bench/results/attention.json.
+The speed of this machine drifts by 10-30 % within minutes, more than the effects measured here, so the
+library figures are paired: two sessions on the same prompt, one capturing and one not, take decode steps
+in turn (greedy, one token each), and the ratio is the median of the step-pair ratios; tokens/s is 1 / the
+median step. Batch: two engines decode the same 8 prompts in turn, in the second one request captures
+every layer and head; the ratio is the aggregate speed's. HTTP: `kvmini serve` in a subprocess, `POST
+/generate` streamed with and without attention, alternated request by request; 1 / the median gap between
+token events (unpaired, so noisier). Writes bench/results/attention.json.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (  # noqa: E402
-    DEFAULT_MODEL, english_text, load_average, machine, print_table, token_times, write_json,
+    DEFAULT_MODEL, english_text, load_average, machine, print_table, write_json,
 )
 from bench.serve import Server, decode_rate  # noqa: E402
 from engine import LLM, AttentionCapture, SamplingParams, Span  # noqa: E402
@@ -43,23 +44,54 @@ def variants(num_layers: int, prompt_len: int) -> dict[str, AttentionCapture | N
     }
 
 
-def decode_rate_library(llm: LLM, prompt: list[int], n: int, capture) -> float:
-    times = token_times(llm, prompt, n, capture)
-    return (len(times) - 1) / (times[-1] - times[0])
+def paired_session_steps(llm: LLM, prompt: list[int], n: int, capture) -> tuple[list[float], list[float]]:
+    """Decode-step durations of two sessions on the same prompt, one without and one with `capture`,
+    stepped in turn (which goes first alternates): each pair of steps is timed moments apart, so the
+    drift of a shared machine cancels in their ratio."""
+    plain, captured = [], []
+    with llm.session(prompt) as a, llm.session(prompt, capture=capture) as b:
+        a.step(), b.step()  # the prefills
+        for i in range(n):
+            for session, times in ((a, plain), (b, captured)) if i % 2 == 0 else ((b, captured), (a, plain)):
+                start = time.perf_counter()
+                session.step()
+                times.append(time.perf_counter() - start)
+    return plain, captured
 
 
-def batch_rate(llm: LLM, prompts: list[list[int]], n: int, capture) -> float:
-    """Aggregate decode tokens/s of the prompts run together; the first one captures (if `capture`)."""
-    engine = llm.engine
+def paired_batch_steps(pair: tuple[LLM, LLM], prompts: list[list[int]], n: int,
+                       capture) -> tuple[list[float], list[float]]:
+    """The same for two engines decoding the same batch of prompts, the second with its first request
+    capturing: aggregate speed of a batch in which one request captures."""
     params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        engine.add_request(p, params, capture=capture if i == 0 else None)
-    while any(not r.seq.output_ids for r in engine.requests.values()):  # prefill every prompt first
-        engine.step()
-    start, tokens = time.perf_counter(), 0
-    while engine.has_unfinished():
-        tokens += sum(len(o.new_token_ids) for o in engine.step())
-    return tokens / (time.perf_counter() - start)
+    engines = [llm.engine for llm in pair]
+    for e, cap in zip(engines, (None, capture)):
+        for i, p in enumerate(prompts):
+            e.add_request(p, params, capture=cap if i == 0 else None)
+        while any(not r.seq.output_ids for r in e.requests.values()):
+            e.step()
+    times: tuple[list[float], list[float]] = ([], [])
+    i = 0
+    while all(e.has_unfinished() for e in engines):
+        for j in ((0, 1) if i % 2 == 0 else (1, 0)):
+            start = time.perf_counter()
+            engines[j].step()
+            times[j].append(time.perf_counter() - start)
+        i += 1
+    for e in engines:
+        while e.has_unfinished():
+            e.step()
+    return times
+
+
+def rate(times: list[float], batch: int = 1) -> float:
+    """Tokens per second from the median step: robust to the scheduling hiccups of a shared 2-core VM."""
+    return batch / statistics.median(times)
+
+
+def paired_ratio(plain: list[float], captured: list[float]) -> float:
+    """Speed with capture / without: the median of the step-pair ratios."""
+    return statistics.median(a / b for a, b in zip(plain, captured))
 
 
 def generate_times(url: str, prompt: list[int], n: int, attention: dict | None) -> list[float]:
@@ -85,8 +117,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--quantization", default=None, help="weights as in bench/decode.py (default: none)")
     ap.add_argument("--prompt-tokens", type=int, default=100)
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=32, help="decode steps per session pair and round")
+    ap.add_argument("--repeats", type=int, default=8, help="rounds: every variant runs once per round")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--no-http", action="store_true")
     ap.add_argument("--out", default="attention")
@@ -99,23 +131,30 @@ def main() -> None:
     caps = variants(llm.config.num_hidden_layers, len(prompt))
     n = args.new_tokens
 
-    for cap in caps.values():  # warm up every path
-        decode_rate_library(llm, prompt, 8, cap)
-    rates: dict[str, list[float]] = {name: [] for name in caps}
     batch_prompts = [ids[i * 50 : i * 50 + args.prompt_tokens] for i in range(args.batch)]
-    batch: dict[str, list[float]] = {"none": [], "one of them captures all": []}
+    for cap in caps.values():  # warm up every path
+        paired_session_steps(llm, prompt, 4, cap)
+    pairs: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in caps if name != "none"}
     for _ in range(args.repeats):
         for name, cap in caps.items():
-            rates[name].append(decode_rate_library(llm, prompt, n, cap))
-        batch["none"].append(batch_rate(llm, batch_prompts, n // 2, None))
-        batch["one of them captures all"].append(batch_rate(llm, batch_prompts, n // 2, AttentionCapture()))
-    base = statistics.median(rates["none"])
-    library = [{"capture": name, "tok_s": statistics.median(v), "ratio": statistics.median(v) / base,
-                "runs": [round(x, 2) for x in v]} for name, v in rates.items()]
-    batch_base = statistics.median(batch["none"])
-    batched = [{"batch": args.batch, "capture": name, "tok_s": statistics.median(v),
-                "ratio": statistics.median(v) / batch_base, "runs": [round(x, 2) for x in v]}
-               for name, v in batch.items()]
+            if cap is not None:
+                plain, captured = paired_session_steps(llm, prompt, n, cap)
+                pairs[name][0].extend(plain)
+                pairs[name][1].extend(captured)
+    every_plain = [t for plain, _ in pairs.values() for t in plain]
+    library = [{"capture": "none", "tok_s": rate(every_plain), "ratio": 1.0, "steps": len(every_plain)}]
+    library += [{"capture": name, "tok_s": rate(captured), "ratio": paired_ratio(plain, captured),
+                 "steps": len(captured)} for name, (plain, captured) in pairs.items()]
+    second = LLM(args.model, dtype=args.dtype, quantization=args.quantization)
+    batch_plain, batch_captured = [], []
+    for _ in range(max(1, args.repeats // 4)):
+        plain, captured = paired_batch_steps((llm, second), batch_prompts, 4 * n, AttentionCapture())
+        batch_plain += plain
+        batch_captured += captured
+    batched = [{"batch": args.batch, "capture": "none", "tok_s": rate(batch_plain, args.batch), "ratio": 1.0},
+               {"batch": args.batch, "capture": "one of them captures all", "tok_s": rate(batch_captured, args.batch),
+                "ratio": paired_ratio(batch_plain, batch_captured)}]
+    del second
     del llm
 
     http = []
@@ -130,13 +169,16 @@ def main() -> None:
         with Server(args.model, extra) as server:
             for body in bodies.values():
                 generate_times(server.url, prompt, 8, body)
-            runs: dict[str, list[float]] = {name: [] for name in bodies}
+            gaps: dict[str, list[float]] = {name: [] for name in bodies}
+            rounds: dict[str, list[float]] = {name: [] for name in bodies}
             for _ in range(args.repeats):
                 for name, body in bodies.items():
-                    runs[name].append(decode_rate(generate_times(server.url, prompt, n, body)))
-        hbase = statistics.median(runs["none"])
-        http = [{"attention": name, "tok_s": statistics.median(v), "ratio": statistics.median(v) / hbase,
-                 "runs": [round(x, 2) for x in v]} for name, v in runs.items()]
+                    times = generate_times(server.url, prompt, n, body)
+                    gaps[name] += [b - a for a, b in zip(times, times[1:])]
+                    rounds[name].append(round(decode_rate(times), 2))
+        hbase = rate(gaps["none"])
+        http = [{"attention": name, "tok_s": rate(g), "ratio": rate(g) / hbase, "rounds": rounds[name]}
+                for name, g in gaps.items()]
 
     load_after = load_average()
     print(f"load average {load_before:.2f} before, {load_after:.2f} after; {args.dtype}, "

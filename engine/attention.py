@@ -113,17 +113,18 @@ def _gather(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 
 
 def _capture_decode(qg, keys, values, batch: DecodeBatch, layer: int, scale: float) -> None:
-    """The probability rows of the capturing sequences, beside the fused kernel's output (which stays the
-    fast path for every row): scores as the reference's eager path forms them, softmax in float32."""
+    """Hand the capturing sequences' query and keys of this layer to their sinks, beside the fused kernel's
+    output (which stays the fast path for every row); the sink forms the rows of all its layers at once
+    after the forward pass (engine/capture.py)."""
+    alone = len(batch.context_lens) == 1
     for i, sink in enumerate(batch.captures):
         if sink is not None and sink.wants(layer):
             n = batch.context_lens[i]
-            # In float32, as the fused kernel accumulates (the reference's eager path rounds the scores to
-            # the model dtype first). The gathered keys are strided per head: a contiguous float32 copy makes
-            # the product 2-4x faster than reading them in place in bfloat16.
-            k = keys[i, :, :n].float().contiguous()
-            scores = torch.matmul(qg[i].float() * scale, k.transpose(1, 2))  # [KVH, G, n]
-            sink.record_decode(layer, scores, values[i, :, :n])
+            # Alone in its batch, the gathered keys are its own (kept by reference); in a batch, its slice
+            # is copied so that the whole batch's keys are not held until the step ends.
+            own = (lambda t: t) if alone else torch.clone
+            v = own(values[i, :, :n]) if sink.spec.value_norms else None
+            sink.defer_decode(layer, qg[i], own(keys[i, :, :n]), v, scale)
 
 
 def _prefill(q, k, v, k_pool, v_pool, seg: PrefillSegment, layer: int, scale: float) -> torch.Tensor:

@@ -176,6 +176,8 @@ class CaptureSink:
         self.norms: torch.Tensor | None = None
         self.matrices: dict[int, torch.Tensor] = {}
         self.value_norms = value_norms
+        self.deferred: list[list] = []  # decode layers whose rows `finish` forms: [layer, q, keys, values]
+        self.scale = 1.0
         self._head_index: torch.Tensor | None = None
 
     def wants(self, layer: int) -> bool:
@@ -195,22 +197,42 @@ class CaptureSink:
     def _select(self, x: torch.Tensor) -> torch.Tensor:
         return x if self._head_index is None else x.index_select(0, self._head_index)
 
-    def record_decode(self, layer: int, scores: torch.Tensor, values: torch.Tensor) -> None:
-        """`scores` `[KVH, G, context]` (scaled; any strides) of this sequence's one query; `values`
-        `[KVH, context, D]`."""
+    def defer_decode(self, layer: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor | None,
+                     scale: float) -> None:
+        """This sequence's one query `[KVH, G, D]` and its keys `[KVH, context, D]` at `layer` (values too
+        for value norms): the rows are formed for every layer at once by `finish`."""
+        self.deferred.append([layer, q, keys, values])
+        self.scale = scale
+
+    def finish(self) -> None:
+        """Form the deferred decode rows: one stacked float32 product `q·Kᵀ/√d` and one softmax for all the
+        captured layers (a few large operations instead of several small ones per layer: on a CPU the
+        per-operation cost, not the arithmetic, is what capture would add). Float32, as the fused kernel
+        accumulates; the reference's eager path rounds the scores to the model dtype first."""
+        if not self.deferred:
+            return
+        layers, qs, keys, values = zip(*self.deferred)
+        self.deferred = []
+        q = torch.stack(qs).float().mul_(self.scale)  # [L, KVH, G, D]
+        k = torch.stack(keys).float()  # [L, KVH, n, D], contiguous
+        scores = torch.matmul(q, k.transpose(-1, -2))  # [L, KVH, G, n]
+        n = scores.shape[-1]
         if self.probs is None:
             self._buffers(scores.device)
-        i, n = self.slot[layer], scores.shape[-1]
-        if self._head_index is None:  # every head: softmax straight into the buffer
-            torch.softmax(scores, dim=-1, dtype=torch.float32, out=self.probs[i, :, 0].view(scores.shape))
-            scores = scores.reshape(-1, n)
+        slots = [self.slot[layer] for layer in layers]
+        probs = torch.softmax(scores, dim=-1).view(len(layers), -1, 1, n)  # [L, H, 1, n]
+        scores = scores.view(len(layers), -1, 1, n)
+        if self._head_index is not None:
+            probs, scores = probs.index_select(1, self._head_index), scores.index_select(1, self._head_index)
+        if slots == list(range(len(self.layers))):
+            self.probs = probs  # the usual case: every captured layer, in order
         else:
-            scores = self._select(scores.reshape(-1, n))
-            torch.softmax(scores, dim=-1, dtype=torch.float32, out=self.probs[i, :, 0])
+            self.probs[slots] = probs
         if self.scores is not None:
-            self.scores[i, :, 0].copy_(scores)
+            self.scores[slots] = scores
         if self.norms is not None:
-            self.norms[i, :, 0] = self.probs[i, :, 0] * self._select(self.value_norms.of(layer, values))
+            for i, (layer, v) in enumerate(zip(layers, values)):
+                self.norms[slots[i], :, 0] = self.probs[slots[i], :, 0] * self._select(self.value_norms.of(layer, v))
 
     def record_prefill(self, layer: int, probs: torch.Tensor, scores: torch.Tensor, values: torch.Tensor) -> None:
         """`probs`/`scores` `[heads, chunk, context]` of a prompt chunk; `values` `[KVH, context, D]`."""

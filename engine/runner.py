@@ -81,6 +81,8 @@ class ModelRunner:
         hidden = self.model(
             self._tensor(ids), self._tensor(positions), meta, self.kv_cache.k, self.kv_cache.v, max(positions)
         )
+        for sink in captures.values():
+            sink.finish()
         rows, sampled, row = [], [], 0
         for w in ordered:
             row += w.num_tokens
