@@ -11,6 +11,7 @@ import torch
 from engine.capture import AttentionCapture, CaptureSink, CaptureState, ValueNorms
 from engine.config import ModelConfig
 from engine.errors import RequestError
+from engine.head_stats import HeadStats, separator_token_mask
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.runner import ModelRunner, ScheduledSeq
 from engine.sampling import Sampler, SamplerOutput, SamplingParams, make_generator
@@ -100,8 +101,6 @@ class LLMEngine:
         if capture.value_norms:
             state.value_norms = ValueNorms(self.runner.model, cfg.num_attention_heads // cfg.num_key_value_heads)
         if capture.head_stats:
-            from engine.head_stats import HeadStats
-
             state.head_stats = HeadStats(capture.layers or range(cfg.num_hidden_layers),
                                          capture.heads or range(cfg.num_attention_heads),
                                          separator_mask=self.separator_mask, device=self.runner.device)
@@ -111,8 +110,6 @@ class LLMEngine:
     def separator_mask(self) -> torch.Tensor:
         """Which vocabulary entries are separators or punctuation (the syntax score's keys), built once."""
         if self._separator_mask is None:
-            from engine.head_stats import separator_token_mask
-
             # Kept on the host: HeadStats reads it there, once per new token.
             self._separator_mask = separator_token_mask(self.tokenizer, self.model_config.vocab_size)
         return self._separator_mask

@@ -35,6 +35,7 @@ import uuid
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
+from engine.head_stats import label_heads
 from engine.outputs import AttentionRows, RequestOutput
 from engine.validation import check_text, check_token_ids
 from server.engine_loop import EngineStepError, Submission
@@ -114,8 +115,6 @@ def attention_json(rows: AttentionRows, all_ids: list[int], head_mean: bool) -> 
 
 def head_stats_json(stats) -> list[dict]:
     """Every captured head's scores and labels (engine/head_stats.py, docs/ATTENTION.md)."""
-    from engine.head_stats import label_heads
-
     return [
         {"layer": lab.layer, "head": lab.head, "label": lab.label, "secondary": lab.secondary,
          "score": _number(lab.score), "scores": {k: _number(v) for k, v in lab.scores.items()},

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.inspect.dump import AttentionDump
-from engine.inspect.report import top_heads  # the labelling module that made the statistics
+from engine.head_stats import top_heads
 
 MISSING = "--png needs matplotlib, the optional 'plot' extra: pip install 'kvmini[plot]' (or pip install matplotlib)"
 MAX_TICK_LABELS = 64  # beyond this many tokens, every n-th label (and the position with it)

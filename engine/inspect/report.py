@@ -26,7 +26,6 @@ import html
 import json
 import math
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,12 +33,7 @@ import numpy as np
 
 from engine.inspect.dump import AttentionDump
 
-try:  # the statistics' home; engine.inspect.stats was it before (and may stay as a re-export)
-    from engine import head_stats as _stats
-except ImportError:
-    from engine.inspect import stats as _stats
-
-Thresholds = _stats.Thresholds
+from engine.head_stats import LABELS, SCORE_TITLES as STATS_SCORE_TITLES, Thresholds, label_heads, top_heads
 
 # Fixed colours for the labels we know; any other label gets one from its name (`label_colour`).
 LABEL_COLOURS = {
@@ -77,8 +71,6 @@ LABEL_HELP = {
     "diffuse": "spread evenly, no pattern",
     "mixed": "concentrated, but on no fixed pattern",
 }
-# Labels not in the labeller's list but seen in a dump get a place too; this is only the legend's fallback.
-KNOWN_LABELS = tuple(LABEL_COLOURS)
 SCORE_TITLES = {
     "sink": "first token", "self": "self", "prev": "previous token", "local": "local window",
     "duplicate": "duplicate token", "induction": "induction", "entropy": "entropy (normalised)",
@@ -113,13 +105,12 @@ def render_report(
 ) -> str:
     """The page as a string. `colour_by`: "label" or a score name (the grid's first colouring)."""
     stats = dump.stats if dump.stats is not None else dump.recompute_stats()
-    mod = _stats_module(stats)
     scores = stats.scores()
     if colour_by != "label" and colour_by not in scores:
         raise ValueError(f"colour_by must be 'label' or a score ({', '.join(scores)}), got {colour_by!r}")
-    thresholds = _thresholds_for(mod, thresholds)
-    labels = mod.label_heads(stats, thresholds)
-    legend_names = legend_labels(labels, mod)
+    thresholds = thresholds or Thresholds()
+    labels = label_heads(stats, thresholds)
+    legend_names = legend_labels(labels)
     selected = _default_head(dump, stats, labels)
     embedded = _heads_to_embed(dump, stats, selected, matrix_budget)
     spans = span_masses(dump)
@@ -163,27 +154,6 @@ def render_report(
 
 
 # ---- labels ----------------------------------------------------------------------------------------------
-def _stats_module(stats):
-    """The module whose HeadStats made `stats`: its label_heads, top_heads and LABELS go with it."""
-    mod = sys.modules.get(type(stats).__module__)
-    return mod if mod is not None and hasattr(mod, "label_heads") and hasattr(mod, "top_heads") else _stats
-
-
-def _thresholds_for(mod, t):
-    """`t` as the labelling module's Thresholds (fields they share carried over), or its defaults."""
-    cls = getattr(mod, "Thresholds", Thresholds)
-    if t is None:
-        return cls()
-    if isinstance(t, cls) or not (dataclasses.is_dataclass(t) and dataclasses.is_dataclass(cls)):
-        return t
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{f.name: getattr(t, f.name) for f in dataclasses.fields(t) if f.name in names})
-
-
-def top_heads(stats, name: str, n: int = 5):
-    return _stats_module(stats).top_heads(stats, name, n)
-
-
 def base_label(name: str) -> str:
     """The known label a name belongs to ("long_range" -> "long-range", "positional-2" -> "positional")."""
     norm = str(name).replace("_", "-")
@@ -236,19 +206,18 @@ def label_text(name: str, detail: dict | None = None) -> str:
     return str(name)
 
 
-def legend_labels(labels, mod=None) -> list[str]:
-    """Every label the labeller can give (its LABELS, in its order), then any other label the heads carry."""
-    names = [str(x) for x in getattr(mod or _stats, "LABELS", ())] or list(KNOWN_LABELS)
+def legend_labels(labels) -> list[str]:
+    """Every label the labeller can give (LABELS, in priority order), then any other label the heads carry."""
+    names = list(LABELS)
     for lab in labels:
-        for name in (lab.label, getattr(lab, "secondary", None)):
+        for name in (lab.label, lab.secondary):
             if name is not None and name not in names:
                 names.append(name)
     return names
 
 
 def _detail(lab) -> dict:
-    d = getattr(lab, "detail", None)
-    return dict(d) if isinstance(d, dict) else {}
+    return dict(lab.detail or {})
 
 
 def _fmt_detail(detail: dict, tokens: list[str]) -> str:
@@ -289,7 +258,7 @@ def _fmt_detail(detail: dict, tokens: list[str]) -> str:
 
 def _label_entry(lab, tokens: list[str]) -> dict:
     detail = _detail(lab)
-    sec = getattr(lab, "secondary", None)
+    sec = lab.secondary
     score = _finite(lab.score)
     text = label_text(lab.label, detail) + ("" if score is None else f" {score:.2f}")
     if sec:
@@ -467,7 +436,7 @@ def _payload(dump, stats, scores, labels, legend_names, selected, embedded, span
 
 
 def score_title(name: str) -> str:
-    titles = {**SCORE_TITLES, **getattr(_stats, "SCORE_TITLES", {})}  # the statistics' own titles win
+    titles = {**SCORE_TITLES, **STATS_SCORE_TITLES}  # the statistics' own titles win
     return titles.get(name, str(name).replace("_", " "))
 
 
@@ -608,7 +577,7 @@ def _grid_svg(dump: AttentionDump, stats, labels) -> str:
         for hi, head in enumerate(stats.heads):
             lab = by_pos[(layer, head)]
             detail = _detail(lab)
-            sec = getattr(lab, "secondary", None)
+            sec = lab.secondary
             x = GRID_LEFT + hi * CELL_W
             score = _finite(lab.score)
             tip = (f"L{layer} H{head} (KV head {int(dump.kv_group[head])}): {label_text(lab.label, detail)}"
@@ -643,7 +612,7 @@ def _details_html(labels, selected, scores: dict) -> str:
     lab = next(x for x in labels if (x.layer, x.head) == tuple(selected))
     items = "".join(f"<span>{_esc(score_title(k))} <b>{v:.3f}</b></span>" for k, v in lab.scores.items()
                     if _finite(v) is not None)
-    sec = getattr(lab, "secondary", None)
+    sec = lab.secondary
     score = _finite(lab.score)
     head = f"L{lab.layer} H{lab.head}: {label_text(lab.label, _detail(lab))}" + (
         "" if score is None else f" {score:.2f}") + (f" \u00b7 {label_text(sec, _detail(lab))}" if sec else "")
@@ -656,7 +625,7 @@ def _legend(labels, names: list[str], hidden: bool = False) -> str:
     secondary = {name: 0 for name in names}
     for lab in labels:
         primary[lab.label] = primary.get(lab.label, 0) + 1
-        sec = getattr(lab, "secondary", None)
+        sec = lab.secondary
         if sec:
             secondary[sec] = secondary.get(sec, 0) + 1
     items = []
