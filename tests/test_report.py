@@ -16,11 +16,12 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
+from engine import head_stats
+from engine.inspect import report
 from engine.inspect.cli import check_spans, main, span_arg
 from engine.inspect.dump import AttentionDump, TopKRows
 from engine.inspect.report import (
     LABEL_COLOURS,
-    _stats_module,
     label_abbrev,
     label_colour,
     legend_labels,
@@ -87,8 +88,7 @@ def dump() -> AttentionDump:
 def test_legend_lists_every_label_with_its_colour(dump):
     page = render_report(dump)
     parsed = _parse(page)
-    mod = _stats_module(dump.stats)
-    assert set(map(str, mod.LABELS)) <= set(parsed.legend), parsed.legend  # every label the labeller gives
+    assert set(head_stats.LABELS) <= set(parsed.legend), parsed.legend  # every label the labeller gives
     for name, colour in parsed.legend.items():
         assert re.fullmatch(r"#[0-9a-f]{6}", colour) and colour == label_colour(name)
     payload = _payload(page)
@@ -110,7 +110,6 @@ class _Label:  # duck-typed HeadLabel, so the report is tested whatever the labe
 
 
 def test_unknown_labels_secondaries_and_offsets(dump, monkeypatch):
-    mod = _stats_module(dump.stats)
     scores = dump.stats.scores()
 
     def fake(stats, thresholds=None):
@@ -124,7 +123,7 @@ def test_unknown_labels_secondaries_and_offsets(dump, monkeypatch):
                 out.append(_Label(layer, head, label, float("nan") if hi == 1 else 0.5, s, sec, detail))
         return out
 
-    monkeypatch.setattr(mod, "label_heads", fake)
+    monkeypatch.setattr(report, "label_heads", fake)
     page = render_report(dump)
     parsed = _parse(page)
     assert parsed.cells[(0, 0)] == "p-3" and parsed.secondaries[(0, 0)] == "snk"
@@ -135,7 +134,7 @@ def test_unknown_labels_secondaries_and_offsets(dump, monkeypatch):
         assert name in parsed.legend and re.fullmatch(r"#[0-9a-f]{6}", parsed.legend[name])
     assert label_colour("brand-new-label") == label_colour("brand-new-label")  # stable across runs
     assert "positional (offset \u22123)" in page and "0 \u00ab&lt;|im_start|&gt;\u00bb" in page  # tooltip detail
-    assert legend_labels(fake(dump.stats), mod)[: len(mod.LABELS)] == list(mod.LABELS)
+    assert legend_labels(fake(dump.stats))[: len(head_stats.LABELS)] == list(head_stats.LABELS)
     json.loads(_payload_text(page))  # the NaN score became null: the payload is still JSON
 
 
