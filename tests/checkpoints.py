@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import json
 from pathlib import Path
 
@@ -80,3 +82,23 @@ def make_checkpoint(
     model.eval()
     model.save_pretrained(out)
     return model
+
+
+def marked_embeddings(cfg, head_dim: int, bos: int, bos_constant: bool = True, seed: int = 0):
+    """For checkpoints whose heads are set by hand: every embedding is [1, is_bos, unit random vector] (the
+    same norm for every token, so after RMSNorm dim 0 is one constant everywhere and dim 1 marks BOS);
+    BOS is [1, 1, 0...], or [0, 1, 0...] without `bos_constant` (then nothing reads BOS's dim 0).
+
+    Returns the `[vocab, hidden]` embeddings, the RoPE frequencies of the `head_dim // 2` rotary pairs,
+    and `unit`: what dims 0 and 1 become after RMSNorm (weight 1) of such a norm-sqrt(2) embedding."""
+    hidden, half = cfg.hidden_size, head_dim // 2
+    theta = cfg.rope_parameters["rope_theta"] if hasattr(cfg, "rope_parameters") else cfg.rope_theta
+    freqs = theta ** (-torch.arange(half, dtype=torch.float64) * 2 / head_dim)
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.zeros(cfg.vocab_size, hidden)
+    emb[:, 0] = 1.0
+    rand = torch.randn(cfg.vocab_size, hidden - 2, generator=g)
+    emb[:, 2:] = rand / rand.norm(dim=1, keepdim=True)
+    emb[bos, 0 if not bos_constant else 1 :] = 0.0
+    emb[bos, 1] = 1.0
+    return emb, freqs, math.sqrt(hidden / 2)

@@ -23,7 +23,7 @@ from engine.head_stats import (
     top_heads,
 )
 from engine.inspect import load_dump, record_prompt, save_dump
-from tests.checkpoints import make_checkpoint, write_byte_tokenizer
+from tests.checkpoints import make_checkpoint, marked_embeddings, write_byte_tokenizer
 
 BOS = 256  # the byte tokenizer's <|endoftext|>
 PROMPT = "acebd"  # the copy head's cycle a -> b -> c -> d -> e -> a, listed out of order
@@ -336,16 +336,7 @@ def make_copy_model(out: Path) -> Path:
                             tie=True)
     cfg = model.config
     hidden, half = cfg.hidden_size, hd // 2
-    theta = cfg.rope_parameters["rope_theta"] if hasattr(cfg, "rope_parameters") else cfg.rope_theta
-    freqs = theta ** (-torch.arange(half, dtype=torch.float64) * 2 / hd)
-    g = torch.Generator().manual_seed(0)
-    emb = torch.zeros(cfg.vocab_size, hidden)
-    emb[:, 0] = 1.0
-    rand = torch.randn(cfg.vocab_size, hidden - 2, generator=g)
-    emb[:, 2:] = rand / rand.norm(dim=1, keepdim=True)
-    emb[BOS] = 0.0
-    emb[BOS, 1] = 1.0
-    unit = math.sqrt(hidden / 2)  # a norm-sqrt(2) embedding after RMSNorm (weight 1) is the embedding times this
+    emb, freqs, unit = marked_embeddings(cfg, hd, BOS, bos_constant=False)
     q, k, v = (torch.zeros(n_heads * hd, hidden) for _ in range(3))
     o = torch.zeros(hidden, n_heads * hd)
     a = b = 9.0 * math.sqrt(2)  # ab / sqrt(64) = 20 logits at the peak

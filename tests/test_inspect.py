@@ -20,7 +20,7 @@ from engine.inspect import Probe, dump_session, load_dump, record_prompt, run_pr
 from engine.inspect.cli import index_list, main
 from engine.inspect.report import render_report
 from engine.inspect.stats import label_heads, top_heads
-from tests.checkpoints import make_checkpoint
+from tests.checkpoints import make_checkpoint, marked_embeddings
 
 BOS = 256  # the byte tokenizer's <|endoftext|>, the tiny checkpoints' bos_token_id
 TEXT = "The quick brown fox jumps over the lazy dog, then it sleeps."
@@ -43,16 +43,8 @@ def make_pattern_model(out: Path) -> Path:
     model = make_checkpoint(out, layers=1, num_heads=4, num_kv_heads=2, hidden=64)
     cfg = model.config
     hidden, hd = cfg.hidden_size, cfg.hidden_size // cfg.num_attention_heads
-    half, theta = hd // 2, cfg.rope_parameters["rope_theta"] if hasattr(cfg, "rope_parameters") else cfg.rope_theta
-    freqs = theta ** (-torch.arange(half, dtype=torch.float64) * 2 / hd)
-    g = torch.Generator().manual_seed(0)
-    emb = torch.zeros(cfg.vocab_size, hidden)
-    emb[:, 0] = 1.0
-    rand = torch.randn(cfg.vocab_size, hidden - 2, generator=g)
-    emb[:, 2:] = rand / rand.norm(dim=1, keepdim=True)
-    emb[BOS, 1:] = 0.0
-    emb[BOS, 1] = 1.0
-    unit = math.sqrt(hidden / 2)  # dims 0 and 1 after RMSNorm (weight 1) of a norm-sqrt(2) embedding
+    half = hd // 2
+    emb, freqs, unit = marked_embeddings(cfg, hd, BOS)
     a = b = 9.0
     q = torch.zeros(cfg.num_attention_heads * hd, hidden)
     k = torch.zeros(cfg.num_key_value_heads * hd, hidden)
