@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: setup serve test bench soak bench-peers clean
+.PHONY: setup serve test bench bench-attention soak bench-peers clean
 
 setup: $(VENV)/.installed $(MODEL)/config.json
 
@@ -32,6 +32,10 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/decode.py
+
+# What attention capture costs (paired steps; bench/results/attention.json).
+bench-attention: setup
+	$(BIN)/python bench/attention.py
 
 # The live server under 64 streaming clients for 5 minutes (random disconnects, a KV cache that preempts);
 # fails on any 5xx, a stream without its final event, leaked KV blocks or RSS growth >= 10 %.

@@ -183,10 +183,11 @@ class CaptureSink:
     def wants(self, layer: int) -> bool:
         return layer in self.slot
 
-    def _buffers(self, device) -> None:
+    def _buffers(self, device, probs: bool = True) -> None:
         shape = (len(self.layers), len(self.heads), self.num_rows, self.context)
         # Zeros: a prefill row is shorter than the chunk's context (causal), and reductions read the whole row.
-        self.probs = torch.zeros(shape, dtype=torch.float32, device=device)
+        if probs:
+            self.probs = torch.zeros(shape, dtype=torch.float32, device=device)
         if self.spec.scores:
             self.scores = torch.full(shape, float("-inf"), dtype=torch.float32, device=device)
         if self.spec.value_norms:
@@ -217,15 +218,15 @@ class CaptureSink:
         k = torch.stack(keys).float()  # [L, KVH, n, D], contiguous
         scores = torch.matmul(q, k.transpose(-1, -2))  # [L, KVH, G, n]
         n = scores.shape[-1]
-        if self.probs is None:
-            self._buffers(scores.device)
         slots = [self.slot[layer] for layer in layers]
+        every_layer = slots == list(range(len(self.layers)))  # the usual case: every captured layer, in order
+        self._buffers(scores.device, probs=not every_layer)
         probs = torch.softmax(scores, dim=-1).view(len(layers), -1, 1, n)  # [L, H, 1, n]
         scores = scores.view(len(layers), -1, 1, n)
         if self._head_index is not None:
             probs, scores = probs.index_select(1, self._head_index), scores.index_select(1, self._head_index)
-        if slots == list(range(len(self.layers))):
-            self.probs = probs  # the usual case: every captured layer, in order
+        if every_layer:
+            self.probs = probs
         else:
             self.probs[slots] = probs
         if self.scores is not None:
