@@ -6,8 +6,8 @@ library figures are paired: two sessions on the same prompt, one capturing and o
 in turn (greedy, one token each), and the ratio is the median of the step-pair ratios; tokens/s is 1 / the
 median step. Batch: two engines decode the same 8 prompts in turn, in the second one request captures
 every layer and head; the ratio is the aggregate speed's. HTTP: `kvmini serve` in a subprocess, `POST
-/generate` streamed with and without attention, alternated request by request; 1 / the median gap between
-token events (unpaired, so noisier). Writes bench/results/attention.json.
+/generate` streamed with and without attention, short requests alternated request by request; 1 / the
+median gap between token events (paired only by request, so noisier). Writes bench/results/attention.json.
 """
 
 from __future__ import annotations
@@ -121,6 +121,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=8, help="rounds: every variant runs once per round")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--no-http", action="store_true")
+    ap.add_argument("--http-rounds", type=int, default=24, help="HTTP: requests per variant, alternated")
+    ap.add_argument("--http-tokens", type=int, default=16, help="HTTP: tokens per request")
     ap.add_argument("--out", default="attention")
     args = ap.parse_args()
 
@@ -171,9 +173,9 @@ def main() -> None:
                 generate_times(server.url, prompt, 8, body)
             gaps: dict[str, list[float]] = {name: [] for name in bodies}
             rounds: dict[str, list[float]] = {name: [] for name in bodies}
-            for _ in range(args.repeats):
+            for _ in range(args.http_rounds):  # short requests, many rounds: drift hits every variant alike
                 for name, body in bodies.items():
-                    times = generate_times(server.url, prompt, n, body)
+                    times = generate_times(server.url, prompt, args.http_tokens, body)
                     gaps[name] += [b - a for a, b in zip(times, times[1:])]
                     rounds[name].append(round(decode_rate(times), 2))
         hbase = rate(gaps["none"])
@@ -192,7 +194,7 @@ def main() -> None:
     path = write_json(args.out, {
         "machine": machine(), "load_average": {"before": load_before, "after": load_after},
         "dtype": args.dtype, "quantization": args.quantization, "prompt_tokens": len(prompt), "new_tokens": n,
-        "repeats": args.repeats, "library": library, "batch": batched, "http": http,
+        "repeats": args.repeats, "http_rounds": args.http_rounds, "http_tokens": args.http_tokens, "library": library, "batch": batched, "http": http,
     })
     print(f"wrote {path}")
 
