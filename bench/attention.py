@@ -194,7 +194,8 @@ def main() -> None:
     path = write_json(args.out, {
         "machine": machine(), "load_average": {"before": load_before, "after": load_after},
         "dtype": args.dtype, "quantization": args.quantization, "prompt_tokens": len(prompt), "new_tokens": n,
-        "repeats": args.repeats, "http_rounds": args.http_rounds, "http_tokens": args.http_tokens, "library": library, "batch": batched, "http": http,
+        "repeats": args.repeats, "http_rounds": args.http_rounds, "http_tokens": args.http_tokens,
+        "library": library, "batch": batched, "http": http,
     })
     print(f"wrote {path}")
 
