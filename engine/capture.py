@@ -159,9 +159,11 @@ def token_char_offsets(tokenizer, ids: list[int], text: str) -> tuple[list[int],
 class CaptureSink:
     """One sequence's captured attention during one forward pass.
 
-    The kernels call `record_decode`/`record_prefill` once per layer; the rows of the trailing `num_rows`
-    queries land in `probs` `[captured layers, captured heads, num_rows, context]`, float32 on the model's
-    device (zeros past each row's query). `matrices` holds whole prompt chunks when a prefill matrix was asked.
+    A prompt chunk's layers call `record_prefill` (the chunk forms its probabilities anyway); a decode layer
+    calls `defer_decode` with its query and gathered keys, and the runner calls `finish` after the forward
+    pass to form all of them at once. Either way the rows of the trailing `num_rows` queries end in `probs`
+    `[captured layers, captured heads, num_rows, context]`, float32 on the model's device (zeros past each
+    row's query). `matrices` holds whole prompt chunks when a prefill matrix was asked.
     """
 
     def __init__(self, spec: AttentionCapture, num_layers: int, num_heads: int, num_rows: int, context: int,
