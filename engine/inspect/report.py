@@ -259,6 +259,8 @@ def _fmt_detail(detail: dict, tokens: list[str]) -> str:
 def _label_entry(lab, tokens: list[str]) -> dict:
     detail = _detail(lab)
     sec = lab.secondary
+    if not {base_label(lab.label), base_label(sec or "")} & {"positional", "previous-token"}:
+        detail.pop("offset", None)  # the best offset of a head that is not positional means nothing
     score = _finite(lab.score)
     text = label_text(lab.label, detail) + ("" if score is None else f" {score:.2f}")
     if sec:
