@@ -140,3 +140,15 @@ def test_session_head_stats_follow_fork_and_rewind(tiny):
         last = s.step().attention
         assert last.value_norms[0].shape == last.layers[0].shape
         child.close()
+
+
+def test_session_spans_count_fed_tokens_as_generated(tiny):
+    llm, _ = tiny
+    spans = (Span("quick", 4, 9),)
+    with llm.session(PROMPT[:12], capture=AttentionCapture(spans=spans, rows=True, layers=(1,))) as s:
+        rows = [s.step().attention] + [st.attention for st in s.feed(PROMPT[12:20])] + [s.step().attention]
+    for r in rows:
+        full, masses = r.layers[1], r.spans.layers[1]
+        want = np.stack([full[:, 4:9].sum(1), full[:, 12:].sum(1), full[:, :12].sum(1) - full[:, 4:9].sum(1)], 1)
+        np.testing.assert_allclose(masses, want, atol=1e-6)
+    assert rows[-1].spans.layers[1][:, 1].min() > 0  # the fed tokens are past the session's prompt
