@@ -382,6 +382,15 @@ class CaptureState:
         if self.head_stats is not None:
             self.head_stats.update(list(query_positions), sink.probs, token_ids)
 
+    def update_stats_from_prompt(self, prefill: dict[int, np.ndarray], token_ids: list[int]) -> None:
+        """Count the prompt's rows too (queries 0..P-2; the last prompt row is the first step's own row),
+        from the prompt matrix a `prefill_matrix` request gets on its first step."""
+        if self.head_stats is None or not prefill:
+            return
+        matrix = torch.from_numpy(np.stack([prefill[layer] for layer in self.head_stats.layers]))  # [L, H, P, P]
+        if matrix.shape[-1] > 1:
+            self.head_stats.update(range(matrix.shape[-1] - 1), matrix[:, :, :-1], token_ids)
+
 
 def _top_k(probs: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Key positions, probabilities and leftover mass of each row's k largest entries (ties: lower position)."""

@@ -231,6 +231,8 @@ class LLMEngine:
         attention = None
         if sink is not None:
             attention = seq.capture.rows(sink, [query_position])
+            if attention[0].prefill is not None:
+                seq.capture.update_stats_from_prompt(attention[0].prefill, seq.token_ids)
             seq.capture.update_stats(sink, [query_position], seq.token_ids)
         if reason == "length":  # no stop string can follow; release text the detokenizer still holds
             tail = req.detokenizer.flush()

@@ -22,7 +22,8 @@ Attention of the query that produced the token (its position is `position - 1`),
     "prefill_matrix": {"<layer>": [[[p per key] per prompt query] per head]}.
 Final event: {"done": true, "finish_reason", "stop_reason", "text", "token_ids", "usage"}, plus
 "attention_heads": [{"layer", "head", "label", "secondary", "score", "scores", "detail"}] for every
-captured head when attention was asked (unless "head_stats": false); labels in docs/ATTENTION.md.
+captured head when attention was asked (unless "head_stats": false), over the generated tokens' rows
+(and the prompt's, with "prefill_matrix": true); labels in docs/ATTENTION.md.
 An engine failure mid-stream ends the stream with {"error": {...}}.
 """
 

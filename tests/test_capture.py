@@ -152,3 +152,21 @@ def test_session_spans_count_fed_tokens_as_generated(tiny):
         want = np.stack([full[:, 4:9].sum(1), full[:, 12:].sum(1), full[:, :12].sum(1) - full[:, 4:9].sum(1)], 1)
         np.testing.assert_allclose(masses, want, atol=1e-6)
     assert rows[-1].spans.layers[1][:, 1].min() > 0  # the fed tokens are past the session's prompt
+
+
+def test_generate_head_stats_with_the_prompt_equal_the_recorders(tiny):
+    """With prefill_matrix, a request's statistics count every prompt row too: the same rows, and so the
+    same scores, as `kvmini attn`'s recorder (which feeds the prompt token by token)."""
+    from engine.inspect import record_prompt
+
+    llm, _ = tiny
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    out = llm.generate(PROMPT, params, AttentionCapture(prefill_matrix=True, head_stats=True))[0]
+    dump = record_prompt(llm, PROMPT, AttentionCapture(), max_tokens=5)
+    assert dump.token_ids.tolist() == PROMPT + out.token_ids
+    assert out.head_stats.n_rows == dump.stats.n_rows == len(PROMPT) + 4
+    ours, theirs = out.head_stats.scores(), dump.stats.scores()
+    for name in ours:
+        np.testing.assert_allclose(ours[name], theirs[name], atol=1e-4, err_msg=name)
+    plain = llm.generate(PROMPT, params, AttentionCapture(head_stats=True))[0]
+    assert plain.head_stats.n_rows == 5  # without the prompt matrix: the rows handed out
