@@ -25,7 +25,7 @@ $(MODEL)/config.json: | $(VENV)/.installed
 	$(BIN)/kvmini convert --default --out $(MODEL)
 
 serve: setup
-	$(BIN)/kvmini serve --model $(MODEL) --host $(HOST) --port $(PORT)
+	$(BIN)/kvmini serve $(MODEL) --host $(HOST) --port $(PORT)
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

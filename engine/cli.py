@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from engine.errors import CheckpointError
+from engine.kv_cache import DEFAULT_KV_CACHE_MEMORY
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "smollm2-135m-instruct"
 
@@ -27,8 +28,30 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default (unless it has none or says it itself)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return text
+        if "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"kvmini {version('kvmini')}"
+    except PackageNotFoundError:  # a checkout that was never installed
+        return "kvmini (not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvmini", description="A small inference engine for LLaMA-family models.")
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("convert", help="import a GGUF file into an HF-format directory")
@@ -45,28 +68,44 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("model", type=Path, nargs="?", default=DEFAULT_MODEL, help="HF-format model directory")
     i.set_defaults(func=_info)
 
-    g = sub.add_parser("generate", help="generate text, streamed to the terminal")
+    g = sub.add_parser("generate", help="generate text, streamed to the terminal", formatter_class=_Help)
     _model_args(g)
     g.add_argument("--prompt", help="prompt text (default: read stdin)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    g.add_argument("--max-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int)
+    g.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    g.add_argument("--min-p", type=float, default=0.0, help="0 = off")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    g.add_argument("--seed", type=int, help="sampling seed (default: random)")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.set_defaults(func=_generate)
 
-    s = sub.add_parser("serve", help="run the HTTP server (OpenAI-compatible API plus /generate)")
+    s = sub.add_parser("serve", help="run the HTTP server (OpenAI-compatible API plus /generate)",
+                       description="Serve MODEL (an HF-format directory; default: the imported SmolLM2) over HTTP: "
+                                   "the OpenAI-compatible API plus /generate, on 127.0.0.1 unless --host says "
+                                   "otherwise. Like `vllm serve MODEL`.", formatter_class=_Help)
+    s.add_argument("model_positional", nargs="?", type=Path, metavar="MODEL",
+                   help="HF-format model directory (the same as --model)")
     _model_args(s)
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $KVMINI_API_KEY)")
-    s.add_argument("--kv-cache-memory", help="KV cache size: bytes, or with a suffix like 512M, 2G")
-    s.add_argument("--max-num-seqs", type=int, default=64)
-    s.add_argument("--max-num-batched-tokens", type=int, default=512)
+    s.add_argument("--version", action="version", version=_version())
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $KVMINI_API_KEY, else none)")
+    s.add_argument("--served-model-name", help="the model id of /v1/models and responses (default: the model "
+                                               "directory's name)")
+    s.add_argument("--max-model-len", type=int, help="context length in tokens (default: the model's "
+                                                     "max_position_embeddings)")
+    s.add_argument("--kv-cache-memory", default=f"{DEFAULT_KV_CACHE_MEMORY >> 20}M",
+                   help="KV cache size: bytes, or with a suffix like 512M, 2G")
+    s.add_argument("--max-num-seqs", type=int, default=64, help="most sequences decoded together")
+    s.add_argument("--max-num-batched-tokens", type=int, default=512, help="most tokens in one step (prefill "
+                                                                         "chunks and decode rows)")
+    s.add_argument("--max-waiting-requests", type=int, default=256,
+                   help="queued requests beyond which new ones get 429")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="uvicorn's log level")
     s.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds running requests get to finish before they are ended (default: 30)")
     s.add_argument("--max-stop-strings", type=int, default=16, help="most stop strings per request (default: 16)")
@@ -172,6 +211,10 @@ def _generate(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from server.cli import serve  # the server (fastapi, uvicorn) is only imported to serve
 
+    if args.model_positional is not None:
+        if args.model != DEFAULT_MODEL and args.model != args.model_positional:
+            raise ValueError(f"the model is given twice: {args.model_positional} and --model {args.model}")
+        args.model = args.model_positional
     return serve(args)
 
 

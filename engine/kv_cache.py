@@ -11,6 +11,9 @@ from engine.config import ModelConfig
 from engine.errors import CacheFullError
 
 
+DEFAULT_KV_CACHE_MEMORY = 256 * 2**20  # bytes of K/V pool when neither num_blocks nor kv_cache_memory is given
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """How big the pool is: `num_blocks` wins; else `kv_cache_memory` bytes; else 256 MiB."""
@@ -31,7 +34,7 @@ class CacheConfig:
     def resolve_num_blocks(self, bytes_per_block: int) -> int:
         if self.num_blocks is not None:
             return self.num_blocks
-        budget = self.kv_cache_memory if self.kv_cache_memory is not None else 256 * 2**20
+        budget = self.kv_cache_memory if self.kv_cache_memory is not None else DEFAULT_KV_CACHE_MEMORY
         n = budget // bytes_per_block
         if n < 1:
             raise ValueError(f"kv_cache_memory={budget} bytes is smaller than one block ({bytes_per_block} bytes)")

@@ -99,6 +99,9 @@ class LLM:
             quantization=parse_quantization(quantization, device),
         )
         ec = self.engine_config
+        if max_model_len is not None and not 1 <= max_model_len <= self.config.max_position_embeddings:
+            raise ValueError(f"max_model_len must be in [1, {self.config.max_position_embeddings}] (the model's "
+                             f"max_position_embeddings), got {max_model_len}")
         tensors = load_weights(self.model_dir, self.config, ec.dtype)
         self.model = build_model(self.config, tensors, ec.dtype, ec.device, ec.pack_weights, ec.quantization)
         del tensors

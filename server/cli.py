@@ -28,9 +28,9 @@ def parse_size(text: str) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    """Run the server until interrupted. `args` as `kvmini serve` parses them (engine/cli.py); optional
-    extras: max_waiting_requests, served_model_name, log_level. SIGTERM drains (see `DrainingServer`)
-    and exits 0."""
+    """Run the server until interrupted. `args` as `kvmini serve` parses them (engine/cli.py); those a
+    caller may leave out (max_waiting_requests, served_model_name, max_model_len, log_level) take the same
+    defaults. SIGTERM drains (see `DrainingServer`) and exits 0."""
     import torch
 
     from engine.cli import load_llm
@@ -55,6 +55,7 @@ def serve(args: argparse.Namespace) -> int:
         kv_cache_memory=kv_bytes,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=getattr(args, "max_model_len", None),
     )
     app = create_app(llm, settings)
     host = f"[{args.host}]" if ":" in args.host else args.host

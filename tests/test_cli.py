@@ -335,3 +335,47 @@ def test_info_ok_variants(capsys, tiny_ckpt: Path, tmp_path: Path, kind: str) ->
         assert "20 tensors" in last
     assert not (tmp_path / "UNPICKLED").exists()
     LLM(model_dir, num_blocks=4)  # and it does load
+
+
+def test_serve_cli_reads_like_vllms(monkeypatch, capsys, tmp_path):
+    """`kvmini serve MODEL` (positional, or --model), vLLM's option names, every default in --help, --version."""
+    import server.cli
+
+    from engine.cli import DEFAULT_MODEL, main
+
+    seen = {}
+    monkeypatch.setattr(server.cli, "serve", lambda args: seen.setdefault("args", args) and 0)
+    assert main(["serve", str(tmp_path), "--served-model-name", "smol", "--max-model-len", "1024",
+                 "--max-waiting-requests", "7", "--log-level", "warning"]) == 0
+    args = seen.pop("args")
+    assert (args.model, args.served_model_name, args.max_model_len, args.max_waiting_requests, args.log_level) == (
+        tmp_path, "smol", 1024, 7, "warning")
+    assert main(["serve", "--model", str(tmp_path)]) == 0 and seen.pop("args").model == tmp_path
+    assert main(["serve"]) == 0 and seen.pop("args").model == DEFAULT_MODEL
+    assert main(["serve", str(tmp_path), "--model", str(tmp_path / "other")]) == 2
+    assert "given twice" in capsys.readouterr().err
+
+    for argv in (["--version"], ["serve", "--version"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0 and capsys.readouterr().out.startswith("kvmini ")
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default: 256M)", "(default: 8000)", "(default: 127.0.0.1)", "(default: 64)",
+                    "(default: 256)", "(default: info)", "(default: bfloat16)"):
+        assert default in text, default
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert "(default: 0.0)" in " ".join(capsys.readouterr().out.split())  # the temperature
+
+
+def test_max_model_len_out_of_range_is_refused(tmp_path):
+    from engine import LLM
+    from tests.checkpoints import make_checkpoint
+
+    make_checkpoint(tmp_path, layers=1)
+    for bad in (0, 513):
+        with pytest.raises(ValueError, match="max_model_len"):
+            LLM(tmp_path, max_model_len=bad)
+    assert LLM(tmp_path, max_model_len=64).max_model_len == 64
