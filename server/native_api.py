@@ -20,7 +20,8 @@ Attention of the query that produced the token (its position is `position - 1`),
                                           was omitted) or [[mass per column] per head]}},
     "scores" / "value_norms": {"<layer>": [[value per key] per head]}, and on the first event
     "prefill_matrix": {"<layer>": [[[p per key] per prompt query] per head]}.
-Final event: {"done": true, "finish_reason", "stop_reason", "text", "token_ids", "usage"}, plus
+Final event: {"done": true, "finish_reason", "stop_reason", "text", "token_ids", "usage" (as OpenAI's, with
+prompt_tokens_details.cached_tokens)}, plus
 "attention_heads": [{"layer", "head", "label", "secondary", "score", "scores", "detail"}] for every
 captured head when attention was asked (unless "head_stats": false), over the generated tokens' rows
 (and the prompt's, with "prefill_matrix": true); labels in docs/ATTENTION.md.
@@ -173,7 +174,8 @@ async def generate(body: GenerateRequest, request: Request):
         n = len(out.token_ids)
         ev = {"done": True, "finish_reason": out.finish_reason, "stop_reason": out.stop_reason, "text": out.text,
               "token_ids": list(out.token_ids),
-              "usage": {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}}
+              "usage": {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n,
+                        "prompt_tokens_details": {"cached_tokens": out.num_cached_prompt_tokens}}}
         if out.head_stats is not None and out.head_stats.n_rows:
             ev["attention_heads"] = head_stats_json(out.head_stats)
         return ev

@@ -40,8 +40,10 @@ class Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)  # completions' text_offset of each token
     finish_reason: str | None = None
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache
 
     def add(self, out: RequestOutput) -> None:
+        self.cached_tokens = out.num_cached_prompt_tokens
         for lp in out.new_logprobs or []:
             self.logprobs.append(lp)
             self.offsets.append(len(self.text))
@@ -52,8 +54,10 @@ class Choice:
 
 
 def _usage(num_prompt: int, choices: list[Choice]) -> dict:
+    """OpenAI's usage; `cached_tokens`: prompt tokens the first choice found in the prefix cache."""
     completion = sum(c.num_tokens for c in choices)
-    return {"prompt_tokens": num_prompt, "completion_tokens": completion, "total_tokens": num_prompt + completion}
+    return {"prompt_tokens": num_prompt, "completion_tokens": completion, "total_tokens": num_prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": choices[0].cached_tokens}}
 
 
 class _Tokens:

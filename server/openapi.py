@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from pydantic.json_schema import models_json_schema
 
 from server.state import ServerState
@@ -77,10 +77,15 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="prompt tokens found in the prefix cache (whole KV blocks)")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class CompletionLogprobs(BaseModel):
@@ -192,6 +197,18 @@ class GenerateTokenEvent(BaseModel):
     attention: dict[str, Any] | None = None  # only when `attention` was asked for
 
 
+class AttentionHead(BaseModel):
+    """One captured head's pattern scores and labels (docs/ATTENTION.md)."""
+
+    layer: int
+    head: int
+    label: str
+    secondary: str | None
+    score: float | None
+    scores: dict[str, float | None]
+    detail: dict[str, Any]
+
+
 class GenerateFinalEvent(BaseModel):
     done: Literal[True]
     finish_reason: str | None
@@ -199,6 +216,8 @@ class GenerateFinalEvent(BaseModel):
     text: str
     token_ids: list[int]
     usage: Usage
+    attention_heads: list[AttentionHead] | None = Field(
+        default=None, description="with attention (unless head_stats is false): every captured head")
 
 
 class Generation(GenerateFinalEvent):

@@ -286,7 +286,8 @@ def test_whole_floats_are_integers(live):
     with httpx.Client(base_url=live.url, headers=AUTH, timeout=30) as http:
         r = http.post("/v1/completions", json={"prompt": [1.0, 2], "max_tokens": 2.0, "n": 1.0, "logprobs": 0.0})
         assert r.status_code == 200, r.text
-        assert r.json()["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}
+        assert r.json()["usage"] == {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4,
+                                     "prompt_tokens_details": {"cached_tokens": 0}}
         err = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 2.5}).json()["error"]
         assert err["param"] == "max_tokens" and "valid integer" in err["message"]
 

@@ -237,7 +237,8 @@ def test_generate_full_attention_rows_match_library(live, http, llm):
         events = sse_events(resp.iter_lines())
     tokens, final = events[:-1], events[-1]
     assert final["done"] is True and final["usage"] == {"prompt_tokens": len(ids), "completion_tokens": n,
-                                                        "total_tokens": len(ids) + n}
+                                                        "total_tokens": len(ids) + n,
+                                                        "prompt_tokens_details": {"cached_tokens": 0}}
 
     capture = AttentionCapture(layers=layers, heads=heads)
     ref = live.on_engine_thread(lambda: llm.generate(ids, SamplingParams(temperature=0, max_tokens=n),
@@ -290,6 +291,22 @@ def test_generate_top_k_ndjson_and_non_stream(live, http, llm):
 
     r = http.post("/generate", json={**body, "stream": False}).json()
     assert [t["token_id"] for t in r["tokens"]] == ref.token_ids and r["text"] == ref.text and r["done"]
+
+
+def test_usage_reports_cached_prompt_tokens(live, http, llm):
+    """usage.prompt_tokens_details.cached_tokens: the prompt tokens the prefix cache already held (whole blocks)."""
+    prompt = "A prompt no other test sends, long enough for a few KV blocks: " + "cached tokens " * 20
+    n_prompt = len(llm.tokenizer.encode(prompt))
+    body = {"prompt": prompt, "max_tokens": 2, "temperature": 0}
+    first = http.post("/v1/completions", json=body).json()["usage"]
+    again = http.post("/v1/completions", json=body).json()["usage"]
+    chat = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 2, "temperature": 0}
+    chat_first = http.post("/v1/chat/completions", json=chat).json()["usage"]
+    chat_again = http.post("/v1/chat/completions", json=chat).json()["usage"]
+    block = llm.blocks.block_size
+    assert first["prompt_tokens"] == n_prompt and first["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert again["prompt_tokens_details"]["cached_tokens"] == (n_prompt - 1) // block * block > 0
+    assert chat_first["prompt_tokens_details"]["cached_tokens"] < chat_again["prompt_tokens_details"]["cached_tokens"]
 
 
 def test_generate_span_masses_equal_the_library(live, http, llm):
