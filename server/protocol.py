@@ -183,6 +183,10 @@ class CompletionRequest(SamplingFields):
     user: StrictStr | None = None
 
 
+class TextResponseFormat(_Body):
+    type: Literal["text"]
+
+
 class ChatCompletionRequest(SamplingFields):
     # top_logprobs (not null) needs logprobs: true (the handler checks it)
     model_config = ConfigDict(json_schema_extra={
@@ -199,6 +203,15 @@ class ChatCompletionRequest(SamplingFields):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
+    # Fields clients send by default. Accepted where they ask for nothing kvmini does not do; refused (400
+    # naming the field) where they do: tool calls, stored completions, JSON output.
+    tools: Annotated[list[dict[str, Any]], Field(max_length=0)] | None = Field(
+        default=None, description="no tool calling: only an empty list is accepted")
+    tool_choice: Literal["none", "auto"] | None = None
+    parallel_tool_calls: StrictBool | None = None
+    store: Literal[False] | None = Field(default=None, description="completions are never stored")
+    metadata: Annotated[dict[str, Annotated[StrictStr, Field(max_length=512)]], Field(max_length=16)] | None = None
+    response_format: TextResponseFormat | None = Field(default=None, description='only {"type": "text"}')
 
 
 MAX_SPANS = 64

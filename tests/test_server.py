@@ -309,6 +309,16 @@ def test_usage_reports_cached_prompt_tokens(live, http, llm):
     assert chat_first["prompt_tokens_details"]["cached_tokens"] < chat_again["prompt_tokens_details"]["cached_tokens"]
 
 
+def test_harmless_openai_fields_are_accepted(http):
+    """What the openai client and chat front-ends send by default asks for nothing kvmini does not do."""
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0, "tools": [],
+            "tool_choice": "auto", "parallel_tool_calls": False, "store": False, "metadata": {"run": "a"},
+            "user": "u1", "response_format": {"type": "text"}}
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["role"] == "assistant"
+
+
 def test_generate_span_masses_equal_the_library(live, http, llm):
     """Spans alone over HTTP: every layer, head-averaged, each token; the same numbers as the library's."""
     prompt = "Doc A: the sky is green. Doc B: the grass is blue. Question: what colour is the sky? Answer:"
@@ -392,6 +402,13 @@ def test_bad_inputs_give_openai_errors(live, http, llm):
          400, "max_completion_tokens"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 50,
                                   "logprobs": True}, 400, "top_logprobs"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                  "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                  "response_format": {"type": "json_object"}}, 400, "response_format.type"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "store": True}, 400, "store"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"},
+         400, "tool_choice"),
         ("/generate", {"prompt": "x", "attention": {"layers": [99]}}, 400, "attention.layers"),
         ("/generate", {"prompt": "x", "attention": {"top_k": 10_000}}, 400, "attention.top_k"),
         ("/generate", {"prompt": "x", "max_tokens": 200, "attention": {}}, 400, "attention"),  # too large
