@@ -104,6 +104,8 @@ def _parser() -> argparse.ArgumentParser:
                                                                          "chunks and decode rows)")
     s.add_argument("--max-waiting-requests", type=int, default=256,
                    help="queued requests beyond which new ones get 429")
+    s.add_argument("--allowed-origins", help="origins a browser page may call the API from (CORS): comma-separated, "
+                                             "or a JSON list as vLLM takes it; '*' for any (default: none)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"],
                    help="uvicorn's log level")
     s.add_argument("--shutdown-timeout", type=float, default=30.0,

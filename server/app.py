@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse
+from starlette.middleware.cors import CORSMiddleware
 
 from engine.llm import LLM
 from server import native_api, openai_api
@@ -59,6 +60,12 @@ def create_app(llm: LLM, settings: ServerSettings | None = None) -> FastAPI:
 
     install_handlers(app, on_rejected)
     app.add_middleware(GuardMiddleware, settings=settings, on_rejected=on_rejected)
+    if settings.allowed_origins:
+        # Outside the guard (added last, so it runs first): a browser's preflight (OPTIONS, no credentials)
+        # is answered here and never meets the API key; real requests still need it.
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.allowed_origins),
+                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"],
+                           expose_headers=["Retry-After"], max_age=600)
     app.include_router(openai_api.router)
     app.include_router(native_api.router)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import re
 import signal
@@ -27,6 +28,20 @@ def parse_size(text: str) -> int:
     return n
 
 
+def parse_origins(text: str | None) -> tuple[str, ...]:
+    """`--allowed-origins`: comma-separated (`http://localhost:3000,https://app.example`), or a JSON list
+    as vLLM takes it (`'["*"]'`)."""
+    if not text:
+        return ()
+    if text.lstrip().startswith("["):
+        values = json.loads(text)
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise ValueError(f"--allowed-origins: a JSON list must hold strings, got {text!r}")
+    else:
+        values = text.split(",")
+    return tuple(v.strip() for v in values if v.strip())
+
+
 def serve(args: argparse.Namespace) -> int:
     """Run the server until interrupted. `args` as `kvmini serve` parses them (engine/cli.py); those a
     caller may leave out (max_waiting_requests, served_model_name, max_model_len, log_level) take the same
@@ -46,6 +61,7 @@ def serve(args: argparse.Namespace) -> int:
         max_stop_strings=args.max_stop_strings,
         max_stop_length=args.max_stop_length,
         shutdown_timeout=args.shutdown_timeout,
+        allowed_origins=parse_origins(getattr(args, "allowed_origins", None)),
     )
     kv_bytes = args.kv_cache_memory
     if isinstance(kv_bytes, str):

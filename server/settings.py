@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -21,6 +22,8 @@ class ServerSettings:
     max_stop_strings, max_stop_length: caps on a request's `stop` strings (each is checked against every
         new token's text on the engine thread, so an unbounded list slows every other request).
     shutdown_timeout: seconds running requests get to finish after SIGTERM before they are ended.
+    allowed_origins: origins a browser page may call the API from (CORS; "*" for any); empty = none, and no
+        CORS headers at all. Preflight requests are answered without the API key; real ones need it.
     """
 
     api_key: str | None = None
@@ -33,6 +36,7 @@ class ServerSettings:
     max_stop_strings: int = 16
     max_stop_length: int = 256
     shutdown_timeout: float = 30.0
+    allowed_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("max_waiting_requests",):
@@ -44,5 +48,8 @@ class ServerSettings:
                      "max_stop_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for origin in self.allowed_origins:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(f"allowed origin {origin!r} is not '*' or scheme://host[:port] (no path)")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must be a non-empty string or None")

@@ -649,3 +649,32 @@ def test_events_never_carry_a_raw_line_separator():
         body = frame.rstrip("\n")
         assert body.splitlines() == [body]  # str.splitlines: what httpx's iter_lines uses
         assert json.loads(body.removeprefix("data: "))["text"] == text
+
+
+def test_cors_preflight_passes_the_api_key_and_requests_still_need_it(tmp_path):
+    """--allowed-origins: a browser page on that origin may call the API; its preflight (which carries no
+    credentials) is answered without the key, its requests are not. Other origins get no CORS headers."""
+    from tests.checkpoints import make_checkpoint
+
+    make_checkpoint(tmp_path, layers=1)
+    origin = "http://localhost:3000"
+    app = create_app(LLM(tmp_path, kv_cache_memory=1 << 20), ServerSettings(api_key=KEY, allowed_origins=(origin,)))
+    with LiveServer(app) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+        pre = client.options("/v1/completions", headers={"Origin": origin, "Access-Control-Request-Method": "POST",
+                                                         "Access-Control-Request-Headers": "authorization,content-type"})
+        assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == origin
+        assert "authorization" in pre.headers["access-control-allow-headers"].lower()
+        body = {"prompt": "ab", "max_tokens": 1}
+        refused = client.post("/v1/completions", json=body, headers={"Origin": origin})
+        assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == origin  # readable
+        ok = client.post("/v1/completions", json=body, headers={"Origin": origin, **AUTH})
+        assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == origin
+        other = client.post("/v1/completions", json=body, headers={"Origin": "http://evil.test", **AUTH})
+        assert "access-control-allow-origin" not in other.headers
+    with pytest.raises(ValueError, match="no path"):
+        ServerSettings(allowed_origins=("http://x/path",))
+    from server.cli import parse_origins
+
+    assert parse_origins('["*"]') == ("*",) and parse_origins(None) == ()
+    assert parse_origins("http://localhost:3000, https://app.example") == ("http://localhost:3000",
+                                                                          "https://app.example")
