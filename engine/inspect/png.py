@@ -9,7 +9,8 @@ import numpy as np
 from engine.inspect.dump import AttentionDump
 from engine.head_stats import top_heads
 
-MISSING = "--png needs matplotlib, the optional 'plot' extra: pip install 'kvmini[plot]' (or pip install matplotlib)"
+MISSING = ("--png needs matplotlib, the optional 'plot' extra: `make setup` installs it in a checkout; "
+           "elsewhere pip install 'kvmini[plot]' (or pip install matplotlib)")
 MAX_TICK_LABELS = 64  # beyond this many tokens, every n-th label (and the position with it)
 
 
