@@ -83,6 +83,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         # Rules that need no model; `engine.validation.check_request` adds the vocabulary and context ones.
@@ -112,6 +113,7 @@ class SamplingParams:
         check_bool("ignore_eos", self.ignore_eos)
         check_bool("skip_special_tokens", self.skip_special_tokens)
         check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS + 1, allow_none=True)
+        self.logit_bias = _logit_bias(self.logit_bias)
 
     @property
     def is_greedy(self) -> bool:
@@ -120,6 +122,22 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 (never) .. 100 (only this token)
+MAX_LOGIT_BIAS_ENTRIES = 1024
+
+
+def _logit_bias(bias) -> dict[int, float] | None:
+    """`{token id: bias}` added to the raw logits before anything else (OpenAI's `logit_bias`)."""
+    if bias is None or bias == {}:
+        return None
+    if not isinstance(bias, dict):
+        raise RequestError("logit_bias", f"logit_bias must map token ids to numbers, got {type(bias).__name__}")
+    if len(bias) > MAX_LOGIT_BIAS_ENTRIES:
+        raise RequestError("logit_bias", f"logit_bias may hold at most {MAX_LOGIT_BIAS_ENTRIES} tokens, got {len(bias)}")
+    return {check_int(f"logit_bias[{t!r}]", t, 0): check_float(f"logit_bias[{t}]", v, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
+            for t, v in bias.items()}
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
@@ -316,6 +334,10 @@ def process_logits(
     if len(params) != B:
         raise ValueError(f"got {len(params)} SamplingParams for {B} rows of logits")
     x = logits.to(torch.float32, copy=True)
+    for i, p in enumerate(params):
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=x.device)
+            x[i].index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), dtype=x.dtype, device=x.device))
     rows = _banned_rows(banned_token_ids)
     if rows:
         r, t = _flat([banned_token_ids[i] for i in rows], x.device)
@@ -433,7 +455,7 @@ class Sampler:
         if (
             all_greedy
             and not any(want_lp)
-            and not any(p.has_penalties for p in params)
+            and not any(p.has_penalties or p.logit_bias for p in params)
             and not _banned_rows(banned_token_ids)
         ):
             return SamplerOutput(logits.argmax(dim=-1), [None] * B, [None] * B, [None] * B)

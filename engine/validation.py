@@ -245,5 +245,9 @@ def check_request(ids: list[int], params: Any, limits: ContextLimits, *, prompt_
         if not 0 <= t < limits.vocab_size:
             p = f"stop_token_ids[{i}]"
             raise RequestError(p, f"{p}: token id {_int_str(t)} is outside the vocabulary (size {limits.vocab_size})")
+    for t in getattr(params, "logit_bias", None) or ():
+        if t >= limits.vocab_size:
+            p = f"logit_bias[{t}]"
+            raise RequestError(p, f"{p}: token id {_int_str(t)} is outside the vocabulary (size {limits.vocab_size})")
     return resolve_max_tokens(len(ids), params.max_tokens, limits, prompt_param=prompt_param,
                               max_tokens_param=max_tokens_param)

@@ -110,6 +110,8 @@ def sampling_params(body: SamplingFields, settings: ServerSettings, *, max_token
     """`SamplingParams` from the body's sampling fields; a bad value becomes a 400 naming the field."""
     kwargs = {name: getattr(body, name) for name in SAMPLING_FIELDS if getattr(body, name) is not None}
     kwargs.update(max_tokens=max_tokens, logprobs=logprobs, seed=seed)
+    if body.logit_bias:  # JSON object keys are strings; the schema has checked that they are digits
+        kwargs["logit_bias"] = {int(token): bias for token, bias in body.logit_bias.items()}
     with request_errors(renames):
         params = SamplingParams(**kwargs)
         check_stop_limits(params.stop, settings.max_stop_strings, settings.max_stop_length)

@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Strict, StrictBool, StrictStr, Tag
 
-from engine.sampling import MAX_LOGPROBS
+from engine.sampling import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS
 from engine.validation import INT32_END, SEED_END, SEED_MIN
 
 
@@ -169,6 +169,10 @@ class SamplingFields(_Body):
     ignore_eos: StrictBool | None = None
     min_tokens: NonNegInt | None = None
     skip_special_tokens: StrictBool | None = None
+    logit_bias: Annotated[dict[Annotated[str, Field(pattern=r"^[0-9]{1,10}$")],
+                               Annotated[Number, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]],
+                          Field(max_length=MAX_LOGIT_BIAS_ENTRIES)] | None = Field(
+        default=None, description="token id (as a string) -> bias added to its logit, -100 (never) .. 100")
 
 
 class CompletionRequest(SamplingFields):

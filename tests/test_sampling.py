@@ -15,6 +15,7 @@ from engine.sampling import (
     make_generator,
     process_logits,
 )
+from engine.errors import RequestError
 from engine.stop import StopChecker
 
 V = 50
@@ -555,3 +556,20 @@ def test_sampler_respects_stopchecker_bans():
         toks.append(t)
         c.push(t, "")
     assert toks == [1, 1, 0] and c.finish_reason == "stop"
+
+
+def test_logit_bias_moves_the_raw_logits():
+    """OpenAI's logit_bias: added to the raw logits before anything else; +100 forces a token, -100 bans it."""
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0], [2.0, 1.0, 0.5, 0.0]])
+    sampler = Sampler()
+    greedy = SamplingParams(temperature=0.0)
+    forced = SamplingParams(temperature=0.0, logit_bias={3: 100})
+    banned = SamplingParams(temperature=0.0, logit_bias={0: -100, 1: -100})
+    out = sampler.sample(logits, [forced, greedy], [None, None])
+    assert out.token_ids.tolist() == [3, 0]
+    assert sampler.sample(logits[:1], [banned], [None]).token_ids.tolist() == [2]
+    hot = SamplingParams(temperature=1.0, seed=0, logit_bias={2: 100})
+    assert sampler.sample(logits[:1], [hot], [make_generator(0)]).token_ids.tolist() == [2]
+    for bad in ({1: 101}, {-1: 1.0}, {"1": 1.0}, [1]):
+        with pytest.raises(RequestError, match="logit_bias"):
+            SamplingParams(logit_bias=bad)

@@ -309,6 +309,17 @@ def test_usage_reports_cached_prompt_tokens(live, http, llm):
     assert chat_first["prompt_tokens_details"]["cached_tokens"] < chat_again["prompt_tokens_details"]["cached_tokens"]
 
 
+def test_logit_bias_forces_and_bans_tokens(http, llm):
+    token = llm.tokenizer.encode(" banana")[0]
+    body = {"prompt": "The capital of France is", "max_tokens": 3, "temperature": 0, "logprobs": 0}
+    plain = http.post("/v1/completions", json=body).json()["choices"][0]
+    forced = http.post("/v1/completions", json={**body, "logit_bias": {str(token): 100}}).json()["choices"][0]
+    assert forced["logprobs"]["tokens"] == [llm.tokenizer.decode([token])] * 3
+    first = llm.tokenizer.encode(plain["logprobs"]["tokens"][0])[0]
+    banned = http.post("/v1/completions", json={**body, "logit_bias": {str(first): -100}}).json()["choices"][0]
+    assert banned["logprobs"]["tokens"][0] != plain["logprobs"]["tokens"][0]
+
+
 def test_harmless_openai_fields_are_accepted(http):
     """What the openai client and chat front-ends send by default asks for nothing kvmini does not do."""
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0, "tools": [],
@@ -409,6 +420,9 @@ def test_bad_inputs_give_openai_errors(live, http, llm):
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "store": True}, 400, "store"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"},
          400, "tool_choice"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"abc": 1}}, 400, "logit_bias.abc"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+        ("/v1/completions", {"prompt": "x", "logit_bias": {"99999999": 1}}, 400, "logit_bias[99999999]"),
         ("/generate", {"prompt": "x", "attention": {"layers": [99]}}, 400, "attention.layers"),
         ("/generate", {"prompt": "x", "attention": {"top_k": 10_000}}, 400, "attention.top_k"),
         ("/generate", {"prompt": "x", "max_tokens": 200, "attention": {}}, 400, "attention"),  # too large
