@@ -66,6 +66,8 @@ class SamplingParams:
     stop: strings that end generation (normalised to a list; not included in the output).
     stop_token_ids: extra ids that end generation (normalised to a list). ignore_eos: keep going
     past eos. logprobs: top-n logprobs to return (0 = only the chosen token's), None = none.
+    logit_bias: {token id: bias in [-100, 100]} added to the raw logits before penalties and sampling
+    (OpenAI's; +100 all but forces a token, -100 bans it).
     """
 
     temperature: float = 1.0
