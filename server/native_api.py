@@ -53,7 +53,7 @@ from server.params import (
 )
 from server.protocol import DetokenizeRequest, GenerateRequest, TokenizeRequest
 from server.state import ServerState, server_state
-from server.streaming import collect, finite, ndjson, sse, stream_response
+from server.streaming import SSE_KEEPALIVE, collect, finite, ndjson, outputs, sse, stream_response
 
 router = APIRouter()
 
@@ -197,8 +197,12 @@ async def generate(body: GenerateRequest, request: Request):
     frame = sse if body.format == "sse" else ndjson
 
     async def stream():
+        keepalive = state.settings.sse_keepalive_s if body.format == "sse" else None  # NDJSON has no comments
         try:
-            while (item := await group.next()) is not None:
+            async for item in outputs(group, keepalive):
+                if item is None:
+                    yield SSE_KEEPALIVE
+                    continue
                 _, out = item
                 if out.new_token_ids:
                     yield frame(token_event(out))

@@ -24,7 +24,7 @@ from server.params import (
 )
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.state import ServerState, server_state
-from server.streaming import SSE_DONE, collect, finite, sse, stream_response
+from server.streaming import SSE_DONE, SSE_KEEPALIVE, collect, finite, outputs, sse, stream_response
 
 router = APIRouter()
 
@@ -145,7 +145,8 @@ async def completions(body: CompletionRequest, request: Request):
         yield sse({**meta, "choices": [choice], **extra})
 
     usage = {**meta, "choices": []} if include_usage else None
-    return stream_response(_choice_events(group, [], on_output, usage, len(ids), choices), group)
+    return stream_response(_choice_events(group, [], on_output, usage, len(ids), choices,
+                                          state.settings.sse_keepalive_s), group)
 
 
 # ---- /v1/chat/completions ------------------------------------------------------------------------------
@@ -214,18 +215,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
     roles = [make(i, {"role": "assistant", "content": ""}) for i in range(body.n)]
     usage = {**chunk, "choices": []} if include_usage else None
-    return stream_response(_choice_events(group, roles, on_output, usage, len(ids), choices), group)
+    return stream_response(_choice_events(group, roles, on_output, usage, len(ids), choices,
+                                          state.settings.sse_keepalive_s), group)
 
 
 async def _choice_events(group, first: list[str], on_output, usage: dict | None, prompt_len: int,
-                         choices: list[Choice]) -> AsyncIterator[str]:
+                         choices: list[Choice], keepalive_s: float) -> AsyncIterator[str]:
     """The SSE stream of a completion: `first`, then `on_output`'s events per output, then the usage chunk
     (when asked), then [DONE]; an engine failure becomes an error event, and the group is always closed."""
     try:
         for event in first:
             yield event
-        while (item := await group.next()) is not None:
-            for event in on_output(*item):
+        async for item in outputs(group, keepalive_s):
+            for event in on_output(*item) if item is not None else [SSE_KEEPALIVE]:
                 yield event
         if usage is not None:
             yield sse({**usage, "usage": _usage(prompt_len, choices)})

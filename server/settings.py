@@ -22,6 +22,8 @@ class ServerSettings:
     max_stop_strings, max_stop_length: caps on a request's `stop` strings (each is checked against every
         new token's text on the engine thread, so an unbounded list slows every other request).
     shutdown_timeout: seconds running requests get to finish after SIGTERM before they are ended.
+    sse_keepalive_s: an SSE stream that has sent nothing for this long (a long prefill) sends a comment,
+        `: keep-alive`, so proxies and client timeouts see it alive.
     allowed_origins: origins a browser page may call the API from (CORS; "*" for any); empty = none, and no
         CORS headers at all. Preflight requests are answered without the API key; real ones need it.
     """
@@ -37,11 +39,14 @@ class ServerSettings:
     max_stop_length: int = 256
     shutdown_timeout: float = 30.0
     allowed_origins: tuple[str, ...] = ()
+    sse_keepalive_s: float = 15.0
 
     def __post_init__(self) -> None:
         for name in ("max_waiting_requests",):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.sse_keepalive_s > 0:
+            raise ValueError(f"sse_keepalive_s must be > 0 seconds, got {self.sse_keepalive_s}")
         if not self.shutdown_timeout >= 0:
             raise ValueError(f"shutdown_timeout must be >= 0 seconds, got {self.shutdown_timeout}")
         for name in ("max_attention_values", "max_attention_top_k", "max_request_bytes", "max_n", "max_stop_strings",

@@ -33,6 +33,9 @@ def sse(obj) -> str:
 
 
 SSE_DONE = "data: [DONE]\n\n"
+# An SSE comment: clients ignore it, proxies and idle timeouts see the connection alive (a long prefill
+# can keep the first token away for longer than a proxy waits).
+SSE_KEEPALIVE = ": keep-alive\n\n"
 
 
 def ndjson(obj) -> str:
@@ -81,6 +84,16 @@ async def _next_or_poll(group: RequestGroup, timeout: float):
 
 
 _TIMEOUT = object()
+
+
+async def outputs(group: RequestGroup, keepalive_s: float | None = None) -> AsyncIterator[tuple | None]:
+    """The group's (index, output) pairs until every member has finished; with `keepalive_s`, also None
+    whenever that long passed without one (the caller sends a keep-alive). Nothing is lost on a timeout."""
+    while True:
+        item = await (group.next() if keepalive_s is None else _next_or_poll(group, keepalive_s))
+        if item is None:
+            return
+        yield None if item is _TIMEOUT else item
 
 
 async def collect(group: RequestGroup, request: Request, on_output) -> None:

@@ -692,3 +692,32 @@ def test_cors_preflight_passes_the_api_key_and_requests_still_need_it(tmp_path):
     assert parse_origins('["*"]') == ("*",) and parse_origins(None) == ()
     assert parse_origins("http://localhost:3000, https://app.example") == ("http://localhost:3000",
                                                                           "https://app.example")
+
+
+def test_sse_streams_send_keepalive_comments_while_nothing_comes(tmp_path):
+    """A long prefill keeps the first token away: the SSE stream sends `: keep-alive` comments meanwhile
+    (clients skip comments), on completions, chat and /generate; NDJSON sends none."""
+    from tests.checkpoints import make_checkpoint
+
+    make_checkpoint(tmp_path, layers=1)
+    llm = LLM(tmp_path, kv_cache_memory=1 << 20)
+    step = llm.engine.step
+
+    def slow_step():
+        time.sleep(0.3)
+        return step()
+
+    llm.engine.step = slow_step
+    app = create_app(llm, ServerSettings(sse_keepalive_s=0.05))
+    with LiveServer(app) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+        for path, body in (("/v1/completions", {"prompt": "ab", "max_tokens": 2, "stream": True}),
+                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "max_tokens": 2,
+                                                     "stream": True}),
+                           ("/generate", {"prompt": "ab", "max_tokens": 2})):
+            with client.stream("POST", path, json=body) as r:
+                lines = [line for line in r.iter_lines() if line]
+            assert ": keep-alive" in lines, (path, lines)
+            assert lines[-1] in ("data: [DONE]",) or '"done":true' in lines[-1]
+        with client.stream("POST", "/generate", json={"prompt": "ab", "max_tokens": 2, "format": "ndjson"}) as r:
+            lines = [line for line in r.iter_lines() if line]
+        assert all(line.startswith("{") for line in lines) and json.loads(lines[-1])["done"]
