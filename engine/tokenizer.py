@@ -549,6 +549,22 @@ class Tokenizer:
     def token_to_id(self, s: str) -> int | None:
         return self.backend.token_to_id(s)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for, also when it holds only part of a UTF-8 character (where
+        `decode([id])` gives U+FFFD): a `<0xNN>` byte piece, or a byte-level BPE piece (GPT-2's byte
+        alphabet). What OpenAI's logprobs `bytes` field holds."""
+        text = self.decode([token_id])
+        if token_id in self.special_token_ids:
+            return text.encode("utf-8")
+        piece = self.id_to_token(token_id)
+        if (m := _BYTE_PIECE.fullmatch(piece)) is not None:
+            return bytes([int(m[1], 16)])
+        if "\u2581" in piece:  # sentencepiece / Metaspace: "▁" is the space that decoding one token drops
+            return piece.replace("\u2581", " ").encode("utf-8")
+        if "\ufffd" in text and all(c in _BYTE_LEVEL_DECODER for c in piece):
+            return bytes(_BYTE_LEVEL_DECODER[c] for c in piece)
+        return text.encode("utf-8")
+
     def apply_chat_template(
         self,
         messages: Sequence[dict[str, Any]],
@@ -575,6 +591,24 @@ class Tokenizer:
         )
         # The template already wrote BOS etc. where it wants them.
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, inverted: each of the 256 bytes is written as one printable
+    character (printable Latin-1 as itself, the rest from U+0100 on)."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {b: chr(b) for b in kept}, 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return {c: b for b, c in chars.items()}
+
+
+_BYTE_LEVEL_DECODER = _byte_level_decoder()
 
 
 @dataclass(eq=False)

@@ -73,6 +73,10 @@ class _Tokens:
             s = self.cache[token_id] = self.tokenizer.decode([token_id])
         return s
 
+    def bytes(self, token_id: int) -> list[int]:
+        """The token's own bytes: right also for a token that holds part of a character (its text is U+FFFD)."""
+        return list(self.tokenizer.token_bytes(token_id))
+
 
 def completion_logprobs(lps: list[TokenLogprob], offsets: list[int], tok: _Tokens) -> dict:
     return {
@@ -86,7 +90,7 @@ def completion_logprobs(lps: list[TokenLogprob], offsets: list[int], tok: _Token
 def chat_logprobs(lps: list[TokenLogprob], tok: _Tokens) -> dict:
     def entry(token_id: int, logprob: float) -> dict:
         s = tok(token_id)
-        return {"token": s, "logprob": finite(logprob), "bytes": list(s.encode("utf-8"))}
+        return {"token": s, "logprob": finite(logprob), "bytes": tok.bytes(token_id)}
 
     return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
                         for lp in lps]}

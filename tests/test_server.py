@@ -320,6 +320,20 @@ def test_logit_bias_forces_and_bans_tokens(http, llm):
     assert banned["logprobs"]["tokens"][0] != plain["logprobs"]["tokens"][0]
 
 
+def test_chat_logprob_bytes_hold_partial_characters(http, llm):
+    """A token that holds part of a UTF-8 character: its `token` text is U+FFFD, its `bytes` are its own,
+    and the bytes of consecutive tokens join into the character (OpenAI's promise for `bytes`)."""
+    first, second = llm.tokenizer.encode("🙂", add_special_tokens=False)[:2]
+    body = {"messages": [{"role": "user", "content": "Smile"}], "max_tokens": 1, "temperature": 0, "logprobs": True}
+    got = []
+    for token in (first, second):
+        r = http.post("/v1/chat/completions", json={**body, "logit_bias": {str(token): 100}}).json()
+        entry = r["choices"][0]["logprobs"]["content"][0]
+        assert "\ufffd" in entry["token"]
+        got += entry["bytes"]
+    assert bytes(got) == "🙂".encode()
+
+
 def test_harmless_openai_fields_are_accepted(http):
     """What the openai client and chat front-ends send by default asks for nothing kvmini does not do."""
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0, "tools": [],

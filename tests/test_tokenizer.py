@@ -604,3 +604,16 @@ def test_smollm2_matches_hf():
             want = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen_prompt)
             assert ours.apply_chat_template(messages, add_generation_prompt=gen_prompt) == want
     assert ours.vocab_size == len(hf) and hf.eos_token_id in ours.eos_token_ids
+
+
+def test_token_bytes_join_into_the_text(spm_dir, smollm2_dir):
+    """`token_bytes`: each token's own bytes, also for byte pieces (`<0xF0>`, sentencepiece byte fallback)
+    and byte-level BPE pieces that hold part of a character; they join into the text's UTF-8."""
+    for model in (spm_dir, smollm2_dir):
+        tok = Tokenizer.from_dir(model)
+        for text in ("naïve 日本 🙂", "plain words", "€100"):
+            ids = tok.encode(text, add_special_tokens=False)
+            joined = b"".join(tok.token_bytes(i) for i in ids)
+            assert joined.decode("utf-8").strip() == text, (model.name, text)
+    ids = tok.encode("🙂", add_special_tokens=False)  # SmolLM2: two byte-level pieces, each half a character
+    assert len(ids) == 2 and all(tok.decode([i]) != "🙂" for i in ids)
