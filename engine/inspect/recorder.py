@@ -186,5 +186,5 @@ def session_recorder(session: Session, **recorder_kwargs) -> Recorder:
 
 
 def dump_session(session: Session, path: str | Path, **recorder_kwargs) -> Path:
-    """What `Session.dump(path)` does: save every captured step of the session."""
+    """Save every captured step of a session (the rows in its `attention_log`) as one dump file."""
     return save_dump(session_recorder(session, **recorder_kwargs).dump(), path)
