@@ -163,6 +163,8 @@ def attention_capture(spec: AttentionRequest, llm: LLM, settings: ServerSettings
             spans=_spans(spec.spans, llm, ids, prompt_text) if spec.spans is not None else None,
             rows=spec.rows, head_stats=spec.head_stats, scores=spec.scores, value_norms=spec.value_norms)
         capture.validate(cfg.num_hidden_layers, cfg.num_attention_heads, len(ids))
+    if capture.head_stats:
+        llm.engine.separator_mask  # noqa: B018 - built once (0.3 s) here, in a worker thread, not on the engine's
     if spec.top_k is not None and spec.top_k > settings.max_attention_top_k:
         raise APIError(400, f"attention.top_k must be in [1, {settings.max_attention_top_k}], got {spec.top_k}",
                        param="attention.top_k")
