@@ -108,7 +108,8 @@ def test_report_is_self_contained_and_shows_the_labels(pattern_dump):
 def test_report_renders_in_headless_chromium(pattern_dump, tmp_path):
     browser = next((shutil.which(b) for b in ("chromium", "chromium-browser") if shutil.which(b)), None)
     if browser is None:
-        pytest.skip("Chromium is not installed (apt-get install chromium); the HTML checks above still ran")
+        pytest.skip("the browser check needs Chromium on PATH, not installed here "
+                    "(Debian: apt-get install chromium, as root); the HTML checks of the other tests still ran")
     page = tmp_path / "report.html"
     page.write_text(render_report(pattern_dump), encoding="utf-8")
     flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -272,7 +272,8 @@ def test_long_run_renders_readably_in_headless_chromium(dump, tmp_path):
     that neighbours never overlap, the scale and the span view are drawn."""
     browser = _chromium()
     if browser is None:
-        pytest.skip("Chromium is not installed (apt-get install chromium); the HTML checks above still ran")
+        pytest.skip("the browser check needs Chromium on PATH, not installed here "
+                    "(Debian: apt-get install chromium, as root); the HTML checks of the other tests still ran")
     page = tmp_path / "long.html"
     page.write_text(render_report(dump), encoding="utf-8")
     flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -309,7 +310,8 @@ def test_long_run_renders_readably_in_headless_chromium(dump, tmp_path):
 def test_top_k_report_renders_in_headless_chromium(tmp_path):
     browser = _chromium()
     if browser is None:
-        pytest.skip("Chromium is not installed (apt-get install chromium)")
+        pytest.skip("the browser check needs Chromium on PATH, not installed here "
+                    "(Debian: apt-get install chromium, as root)")
     page = tmp_path / "topk.html"
     page.write_text(render_report(synthetic_dump(top_k=3, n_tokens=60, prompt_len=50,
                                                  spans=[{"name": "a", "start": 1, "end": 9}])), encoding="utf-8")
