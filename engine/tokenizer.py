@@ -596,19 +596,21 @@ class Tokenizer:
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
-def _byte_level_decoder() -> dict[str, int]:
-    """GPT-2's byte-level BPE alphabet, inverted: each of the 256 bytes is written as one printable
-    character (printable Latin-1 as itself, the rest from U+0100 on)."""
-    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {b: chr(b) for b in kept}, 0
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table that byte-level BPE vocabularies are spelled in
+    (printable Latin-1 as itself, the other bytes from U+0100 on)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
     for b in range(256):
-        if b not in chars:
-            chars[b] = chr(256 + extra)
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
             extra += 1
-    return {c: b for b, c in chars.items()}
+    return table
 
 
-_BYTE_LEVEL_DECODER = _byte_level_decoder()
+_BYTE_LEVEL_DECODER = {c: b for b, c in bytes_to_unicode().items()}  # byte-level piece -> its bytes
 
 
 @dataclass(eq=False)

@@ -20,6 +20,7 @@ import engine.gguf_import as gi
 from engine.config import ModelConfig
 from engine.errors import CheckpointError
 from engine.gguf_import import convert_gguf
+from engine.tokenizer import bytes_to_unicode
 
 SMOLLM2_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "smollm2-135m-instruct"
 
@@ -382,7 +383,7 @@ def test_dtype_bfloat16(tiny, tmp_path: Path) -> None:
 def test_byte_level_bpe_with_bos_and_llama3_split(tmp_path: Path) -> None:
     """A gpt2-type vocab with tokenizer.ggml.pre "llama-bpe" and add_bos_token: ids equal transformers' GGUF loader."""
     transformers = pytest.importorskip("transformers")
-    alphabet = list(gi._bytes_to_unicode().values())
+    alphabet = list(bytes_to_unicode().values())
     merges = ["l l", "e ll", "h ell", "h e", "Ġ t", "Ġt he", "Ġ w", "o r", "Ġw or", "1 2", "12 3"]
     words = [m.replace(" ", "") for m in merges]
     specials = [("<|begin_of_text|>", 3), ("<|end_of_text|>", 3), ("<|eot_id|>", 3), ("<think>", 4)]
