@@ -14,10 +14,11 @@ from engine.errors import RequestError
 from engine.head_stats import HeadStats, separator_token_mask
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.runner import ModelRunner, ScheduledSeq
-from engine.sampling import Sampler, SamplerOutput, SamplingParams, make_generator
+from engine.sampling import Sampler, SamplerOutput, SamplingParams, make_generator, score_tokens
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence, SequenceIds
 from engine.stop import StopChecker
+from engine.structured import GrammarCompiler, GrammarMatcher, TokenMasks
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from engine.validation import ContextLimits, check_request, prompt_token_ids
 
@@ -26,7 +27,8 @@ log = logging.getLogger("kvmini.engine")
 
 @dataclass(eq=False)
 class Request:
-    """A sequence plus what turns its tokens into text: detokenizer, stop checker, logprobs so far."""
+    """A sequence plus what turns its tokens into text: detokenizer, stop checker, logprobs so far, and with
+    structured outputs the grammar's matcher."""
 
     request_id: str
     seq: Sequence
@@ -34,6 +36,7 @@ class Request:
     stop: StopChecker
     logprobs: list[TokenLogprob] | None
     prompt_token_ids: list[int]  # handed to every RequestOutput (one list, never copied per step)
+    grammar: GrammarMatcher | None = None
 
 
 class LLMEngine:
@@ -57,6 +60,7 @@ class LLMEngine:
         self.scheduler = Scheduler(scheduler_config, runner.blocks)
         self.sampler = Sampler()
         self.eos_token_ids = tuple(sorted(set(tokenizer.eos_token_ids) | set(model_config.eos_token_ids)))
+        self.grammars = GrammarCompiler(tokenizer, self.eos_token_ids)  # structured outputs; builds on first use
         self.requests: dict[str, Request] = {}
         self.seq_ids = SequenceIds()  # shared with sessions: ids stay unique per pool
         self._request_ids = itertools.count()
@@ -76,12 +80,15 @@ class LLMEngine:
         params = params or SamplingParams()
         ids = prompt_token_ids(prompt, self.tokenizer, self.limits.vocab_size)
         check_request(ids, params, self.limits)
+        grammar = self.grammars.matcher(params.structured_output) if params.structured_output is not None else None
         state = self.capture_state(capture, len(ids)) if capture is not None else None
         request_id = request_id if request_id is not None else f"req-{next(self._request_ids)}"
         if request_id in self.requests:
             raise RequestError("request_id", f"request_id {request_id!r} is already in use")
         seq = Sequence(self.seq_ids.next(), ids, len(ids), params, state)
         seq.generator = make_generator(params.seed, self.runner.device)
+        if params.prompt_logprobs is not None:
+            seq.prompt_logprobs = [None] * len(ids)
         self.requests[request_id] = Request(
             request_id,
             seq,
@@ -89,6 +96,7 @@ class LLMEngine:
             StopChecker(params, self.eos_token_ids, self.max_seq_len, prompt_len=len(ids)),
             [] if params.logprobs is not None else None,
             list(ids),  # the sequence appends to `ids`; the prompt stays as it was
+            grammar,
         )
         self.scheduler.add(seq)
         return request_id
@@ -150,6 +158,10 @@ class LLMEngine:
         try:
             out = self.runner.run(work)
             self._collect_prefill_matrices(out.captures)
+            for seq, first, logits in out.prompt_logits:
+                top_n = seq.params.prompt_logprobs
+                seq.prompt_logprobs[first : first + len(logits)] = score_tokens(
+                    logits, seq.token_ids[first : first + len(logits)], top_n)
             reqs = [by_seq[id(s)] for s in out.sampled]
             sampled = self._sample(out.logits, reqs) if reqs else None
         except BaseException:
@@ -209,12 +221,16 @@ class LLMEngine:
             [s.generator for s in seqs],
             prompt_token_ids=[r.prompt_token_ids for r in reqs] if penalties else None,
             output_token_ids=[s.output_ids for s in seqs] if penalties else None,
-            banned_token_ids=[r.stop.banned_token_ids() or None for r in reqs],
+            # A grammar decides itself when its output may end: no min_tokens ban on its rows.
+            banned_token_ids=[(r.stop.banned_token_ids() or None) if r.grammar is None else None for r in reqs],
+            token_masks=TokenMasks.from_matchers([r.grammar for r in reqs]),
         )
 
     def _advance(self, req: Request, row: int, sampled: SamplerOutput, sink: CaptureSink | None) -> RequestOutput:
         seq = req.seq
         token = int(sampled.token_ids[row])
+        if req.grammar is not None:
+            req.grammar.accept(token)  # a GrammarError fails this request alone
         query_position = seq.num_tokens - 1
         seq.token_ids.append(token)
         if req.stop.is_stop_token(token):
@@ -223,6 +239,8 @@ class LLMEngine:
         else:
             delta = req.detokenizer.add(token)
         text, reason = req.stop.push(token, delta)
+        # Complete JSON that nothing but EOS may follow: stop now, without a step to sample the EOS.
+        grammar_done = reason != "stop" and req.grammar is not None and req.grammar.is_finished
         logprob = None
         if req.logprobs is not None:
             top = list(zip(sampled.top_token_ids[row] or [], sampled.top_logprobs[row] or []))
@@ -234,10 +252,12 @@ class LLMEngine:
             if attention[0].prefill is not None:
                 seq.capture.update_stats_from_prompt(attention[0].prefill, seq.token_ids)
             seq.capture.update_stats(sink, [query_position], seq.token_ids)
-        if reason == "length":  # no stop string can follow; release text the detokenizer still holds
+        if reason == "length" or grammar_done:  # no stop string can follow; release the text still held back
+            text += req.stop.flush()  # (held back by the stop checker; "length" has released it)
             tail = req.detokenizer.flush()
             text += tail
             req.stop.text += tail
+            reason = "stop" if grammar_done else reason
         if reason is not None:
             self.scheduler.finish(seq, reason)
             del self.requests[req.request_id]
@@ -260,6 +280,7 @@ class LLMEngine:
             attention=attention,
             num_cached_prompt_tokens=seq.num_cached_prompt_tokens,
             head_stats=seq.capture.head_stats if seq.capture is not None else None,
+            prompt_logprobs=seq.prompt_logprobs,
         )
 
     # ---- accounting --------------------------------------------------------------------------------

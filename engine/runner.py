@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,6 +43,9 @@ class ForwardOutput:
     logits: torch.Tensor  # [sum of num_logits over `sampled`, vocab] float32
     sampled: list[Sequence]  # sequences that reached their last token, in logits-row order
     captures: dict[int, CaptureSink]  # seq_id -> what was captured this step
+    # Sequences that want prompt logprobs: (seq, first scored prompt position, logits [n, vocab]); row i
+    # predicts prompt token `first + i` (computed from the position before it).
+    prompt_logits: list[tuple[Sequence, int, torch.Tensor]] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -83,6 +86,8 @@ class ModelRunner:
         )
         for sink in captures.values():
             sink.finish()
+        prompt_logits = [self._prompt_logits(w, hidden, row) for w, row in zip(ordered, _starts(ordered))
+                         if w.seq.prompt_logprobs is not None and w.seq.computes_whole_prompt]
         rows, sampled, row = [], [], 0
         for w in ordered:
             row += w.num_tokens
@@ -91,7 +96,15 @@ class ModelRunner:
                 rows += range(row - w.num_logits, row)
                 sampled.append(w.seq)
         logits = self.model.compute_logits(hidden[rows]) if rows else hidden.new_empty(0, 0).float()
-        return ForwardOutput(logits, sampled, captures)
+        return ForwardOutput(logits, sampled, captures, [p for p in prompt_logits if p is not None])
+
+    def _prompt_logits(self, w: ScheduledSeq, hidden: torch.Tensor, row: int):
+        """Logits of this chunk's positions whose next token is still in the prompt (None if none are)."""
+        start = w.seq.num_computed
+        n = min(w.num_tokens, w.seq.num_prompt_tokens - 1 - start)
+        if n <= 0:
+            return None
+        return w.seq, start + 1, self.model.compute_logits(hidden[row : row + n])
 
     def _decode_batches(self, decode: list[ScheduledSeq], captures: dict[int, CaptureSink]) -> list[DecodeBatch]:
         """Split the (length-sorted) decode rows into batches that waste little attention on padding."""
@@ -141,3 +154,12 @@ class ModelRunner:
         ids = self._tensor(token_ids)
         hidden = self.model(ids, torch.arange(n, device=self.device), meta, None, None, n - 1)
         return self.model.compute_logits(hidden)
+
+
+def _starts(work: list[ScheduledSeq]) -> list[int]:
+    """Each work item's first row in the flat batch."""
+    starts, row = [], 0
+    for w in work:
+        starts.append(row)
+        row += w.num_tokens
+    return starts

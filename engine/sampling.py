@@ -6,7 +6,8 @@ whole batch (each row with its own params) into next-token ids.
 Pipeline, per row, applied to the whole batch with tensor ops (a stage no row needs is skipped):
 
     logits (any float dtype) -> float32 copy
-    1. banned ids -> -inf            (min_tokens: eos / stop ids the row may not produce yet)
+    1. banned ids -> -inf            (min_tokens: eos / stop ids the row may not produce yet; structured
+                                     outputs: every token the row's grammar does not allow, engine/structured.py)
     2. penalties                     repetition over prompt+output tokens (positive logits divided,
                                      negative multiplied), then frequency (x count) and presence
                                      (x [count > 0]) subtracted, over output tokens only (vLLM)
@@ -30,6 +31,8 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.errors import RequestError
+from engine.outputs import TokenLogprob
+from engine.structured import StructuredOutput, TokenMasks
 from engine.validation import INT32_END, SEED_END, SEED_MIN, check_bool, check_float, check_int, check_text
 
 # vLLM's _SAMPLING_EPS: temperatures below this are treated as greedy (dividing by them overflows).
@@ -66,8 +69,13 @@ class SamplingParams:
     stop: strings that end generation (normalised to a list; not included in the output).
     stop_token_ids: extra ids that end generation (normalised to a list). ignore_eos: keep going
     past eos. logprobs: top-n logprobs to return (0 = only the chosen token's), None = none.
+    prompt_logprobs: the same for every prompt token after the first (vLLM's; what OpenAI's `echo` with
+    `logprobs` returns): from the model's raw logits, as `LLM.logits` gives them; such a request computes its
+    whole prompt (no prefix-cache reuse), as in vLLM.
     logit_bias: {token id: bias in [-100, 100]} added to the raw logits before penalties and sampling
     (OpenAI's; +100 all but forces a token, -100 bans it).
+    structured_output: the output must be JSON (any object, or one matching a JSON schema): see
+    engine/structured.py. The grammar decides when the output ends, so min_tokens does not apply.
     """
 
     temperature: float = 1.0
@@ -84,8 +92,10 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
+    structured_output: StructuredOutput | None = None
     # logit_bias as (ids, values) tensors, built once: the sampler adds them at every step.
     _bias: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -117,7 +127,11 @@ class SamplingParams:
         check_bool("ignore_eos", self.ignore_eos)
         check_bool("skip_special_tokens", self.skip_special_tokens)
         check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS + 1, allow_none=True)
+        check_int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS + 1, allow_none=True)
         self.logit_bias = _logit_bias(self.logit_bias)
+        if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutput):
+            raise RequestError("structured_output", f"structured_output must be a StructuredOutput or None, "
+                                                    f"got {type(self.structured_output).__name__}")
         if self.logit_bias:
             self._bias = (torch.tensor(list(self.logit_bias), dtype=torch.long),
                           torch.tensor(list(self.logit_bias.values()), dtype=torch.float32))
@@ -145,6 +159,17 @@ def _logit_bias(bias) -> dict[int, float] | None:
         raise RequestError("logit_bias", f"logit_bias may hold at most {MAX_LOGIT_BIAS_ENTRIES} tokens, got {len(bias)}")
     return {check_int(f"logit_bias[{t!r}]", t, 0): check_float(f"logit_bias[{t}]", v, -MAX_LOGIT_BIAS, MAX_LOGIT_BIAS)
             for t, v in bias.items()}
+
+
+def score_tokens(logits: torch.Tensor, token_ids: Sequence[int], top_n: int | None) -> list[TokenLogprob]:
+    """Each row's logprob of the given token (row i scores `token_ids[i]`) and its `top_n` alternatives,
+    from raw logits `[n, vocab]`: how forced tokens are scored (a session's `feed`, prompt logprobs)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = lp.gather(1, torch.tensor(token_ids, device=lp.device).view(-1, 1)).squeeze(1).tolist()
+    if not top_n:
+        return [TokenLogprob(t, v) for t, v in zip(token_ids, chosen)]
+    values, ids = lp.topk(min(top_n, lp.shape[-1]), dim=-1)
+    return [TokenLogprob(t, v, list(zip(i, tv))) for t, v, i, tv in zip(token_ids, chosen, ids.tolist(), values.tolist())]
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
@@ -330,13 +355,14 @@ def process_logits(
     prompt_token_ids: Sequence[TokenIds] | None = None,
     output_token_ids: Sequence[TokenIds] | None = None,
     banned_token_ids: Sequence[Sequence[int] | None] | None = None,
+    token_masks: TokenMasks | None = None,
     *,
     filters: bool = True,
 ) -> torch.Tensor:
-    """The logits each row samples from: a float32 copy of `logits` after banned ids, penalties and
-    (with `filters`) temperature -> top_k -> top_p -> min_p. Greedy rows get no temperature or
-    filters (their argmax is taken as is). `softmax` of the result is the sampling distribution.
-    Stages no row needs are skipped; the sampler uses this exact path."""
+    """The logits each row samples from: a float32 copy of `logits` after banned ids and `token_masks` (the
+    structured-output rows' allowed tokens), penalties and (with `filters`) temperature -> top_k -> top_p ->
+    min_p. Greedy rows get no temperature or filters (their argmax is taken as is). `softmax` of the result
+    is the sampling distribution. Stages no row needs are skipped; the sampler uses this exact path."""
     B = logits.shape[0]
     if len(params) != B:
         raise ValueError(f"got {len(params)} SamplingParams for {B} rows of logits")
@@ -349,6 +375,8 @@ def process_logits(
     if rows:
         r, t = _flat([banned_token_ids[i] for i in rows], x.device)
         x[torch.tensor(rows, dtype=torch.long, device=x.device)[r], t] = float("-inf")
+    if token_masks is not None:
+        token_masks.apply(x)
 
     pen_rows = [i for i, p in enumerate(params) if p.has_penalties]
     if pen_rows:
@@ -434,6 +462,7 @@ class Sampler:
         prompt_token_ids: Sequence[TokenIds] | None = None,
         output_token_ids: Sequence[TokenIds] | None = None,
         banned_token_ids: Sequence[Sequence[int] | None] | None = None,
+        token_masks: TokenMasks | None = None,
     ) -> SamplerOutput:
         """Next token for every row of `logits` [B, V] (any float dtype, any device).
 
@@ -442,7 +471,8 @@ class Sampler:
         prompt_token_ids[i] / output_token_ids[i]: row i's prompt / generated ids so far (list of
         ints or 1-D integer tensor); only read for rows with penalties (output ids for any penalty,
         prompt ids for repetition). banned_token_ids[i]: ids row i must not produce this step
-        (e.g. `StopChecker.banned_token_ids()` under min_tokens), or None.
+        (e.g. `StopChecker.banned_token_ids()` under min_tokens), or None. token_masks: the tokens the
+        constrained rows may produce (structured outputs), None when no row is constrained.
         """
         B, V = logits.shape
         if len(params) != B:
@@ -464,10 +494,12 @@ class Sampler:
             and not any(want_lp)
             and not any(p.has_penalties or p.logit_bias for p in params)
             and not _banned_rows(banned_token_ids)
+            and token_masks is None
         ):
             return SamplerOutput(logits.argmax(dim=-1), [None] * B, [None] * B, [None] * B)
 
-        x = process_logits(logits, params, prompt_token_ids, output_token_ids, banned_token_ids, filters=False)
+        x = process_logits(logits, params, prompt_token_ids, output_token_ids, banned_token_ids, token_masks,
+                           filters=False)
 
         lp_rows = [i for i in range(B) if want_lp[i]]
         lp = torch.log_softmax(x[lp_rows] if len(lp_rows) < B else x, dim=-1) if lp_rows else None

@@ -60,8 +60,7 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            # A request that wants its prompt's full attention matrix computes every prompt token.
-            lookup = not seq.block_table.blocks and not (seq.capture is not None and seq.capture.spec.prefill_matrix)
+            lookup = not seq.block_table.blocks and not seq.computes_whole_prompt
             reused = self.blocks.match_prefix(seq.block_table, seq.token_ids) if lookup else 0
             need = self.blocks.blocks_needed(seq.num_tokens) - len(seq.block_table.blocks)
             if not self.blocks.can_allocate(need):

@@ -10,6 +10,7 @@ import torch
 
 from engine.capture import CaptureState
 from engine.kv_cache import BlockTable
+from engine.outputs import TokenLogprob
 from engine.sampling import SamplingParams
 
 
@@ -32,6 +33,9 @@ class Sequence:
     finish_reason: str | None = None
     num_cached_prompt_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     admitted: bool = False  # the scheduler has admitted it once (a preempted sequence is admitted again)
+    # With params.prompt_logprobs: entry i scores prompt token i (entry 0, which nothing predicts, stays None);
+    # filled by position as prompt chunks run, so a chunk that runs again writes the same entries.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -45,6 +49,14 @@ class Sequence:
     @property
     def output_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def computes_whole_prompt(self) -> bool:
+        """Every prompt token must run here, none reused from the prefix cache: its prompt's attention
+        matrix or its prompt logprobs are still to be computed."""
+        if self.output_ids:
+            return False
+        return self.prompt_logprobs is not None or (self.capture is not None and self.capture.spec.prefill_matrix)
 
     @property
     def is_finished(self) -> bool:

@@ -7,14 +7,22 @@ from dataclasses import dataclass
 import torch
 
 from engine.capture import CaptureState
+from engine.errors import RequestError
 from engine.outputs import AttentionRows, TokenLogprob
 from engine.runner import ModelRunner, ScheduledSeq
-from engine.sampling import Sampler, SamplingParams, make_generator
+from engine.sampling import Sampler, SamplingParams, make_generator, score_tokens
 from engine.sequence import Sequence, SequenceIds
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from engine.validation import check_length, check_token_ids
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=None)
+
+
+def _unconstrained(params: SamplingParams) -> SamplingParams:
+    # A session's caller picks or forces every token: a grammar would be bypassed, so it is refused, not ignored.
+    if params.structured_output is not None:
+        raise RequestError("structured_output", "a Session does not apply structured_output; use LLM.generate")
+    return params
 
 
 @dataclass
@@ -51,7 +59,7 @@ class Session:
         self.blocks = runner.blocks
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
-        self.params = params or GREEDY
+        self.params = _unconstrained(params or GREEDY)
         self._seq_ids = seq_ids
         self.seq = Sequence(seq_ids.next(), list(token_ids), len(token_ids), self.params, capture)
         self.seq.generator = make_generator(self.params.seed, runner.device)
@@ -77,7 +85,7 @@ class Session:
     def step(self, params: SamplingParams | None = None) -> Step:
         """Run the pending token(s), sample the next token, append it."""
         self._check_open(1)
-        params = params or self.params
+        params = _unconstrained(params or self.params)
         logits, sink = self._run([], num_logits=1)
         token, logprob = self._sample(logits, params)
         self.seq.token_ids.append(token)
@@ -97,12 +105,9 @@ class Session:
         self.seq.token_ids.append(token_ids[-1])
         first = self.seq.num_tokens - len(token_ids)
         attention = self._attention(sink, range(first - 1, first - 1 + len(token_ids)))
-        steps = []
-        for i, token in enumerate(token_ids):
-            lp = torch.log_softmax(logits[i], dim=-1)
-            logprob = TokenLogprob(token, float(lp[token]), _top(lp, self.params.logprobs))
-            steps.append(self._make_step(token, logits[i], logprob, attention[i], position=first + i))
-        return steps
+        logprobs = score_tokens(logits, token_ids, self.params.logprobs)
+        return [self._make_step(token, logits[i], logprobs[i], attention[i], position=first + i)
+                for i, token in enumerate(token_ids)]
 
     def fork(self) -> "Session":
         """A copy that shares every cached block; the first write to a shared block copies it."""
@@ -176,8 +181,7 @@ class Session:
             logits, [params], [gen], [seq.token_ids[: seq.num_prompt_tokens]], [seq.output_ids]
         )
         token = int(out.token_ids[0])
-        lp = torch.log_softmax(logits[0], dim=-1)
-        return token, TokenLogprob(token, float(lp[token]), _top(lp, params.logprobs))
+        return token, score_tokens(logits[:1], [token], params.logprobs)[0]
 
     def _attention(self, sink, queries) -> list[AttentionRows | None]:
         """The captured rows of these queries (their tokens are in the sequence now), statistics updated."""
@@ -198,9 +202,3 @@ class Session:
             detok.add(t)
         return detok
 
-
-def _top(logprobs: torch.Tensor, n: int | None) -> list[tuple[int, float]]:
-    if not n:
-        return []
-    values, ids = logprobs.topk(n)
-    return list(zip(ids.tolist(), values.tolist()))

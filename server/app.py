@@ -1,7 +1,8 @@
 """`create_app(llm, settings)`: the FastAPI app. All state lives on `app.state.kvmini` (a `ServerState`).
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models[/{id}] (OpenAI-compatible),
-POST /generate, POST /tokenize, POST /detokenize (kvmini's own), GET /health, GET /metrics.
+POST /generate, POST /tokenize, POST /detokenize (kvmini's own), GET /health, GET /metrics, and GET / (the
+live page, server/page.py).
 The engine loop (one background task driving `llm.engine` on one worker thread) runs for the
 lifetime of the app (its lifespan); one app per `LLM` at a time, since the engine is not thread-safe.
 """
@@ -22,6 +23,7 @@ from server.errors import install_handlers
 from server.metrics import Metrics
 from server.middleware import GuardMiddleware
 from server.openapi import install_openapi
+from server.page import install_page
 from server.settings import ServerSettings
 from server.state import ServerState, server_state
 
@@ -79,5 +81,6 @@ def create_app(llm: LLM, settings: ServerSettings | None = None) -> FastAPI:
         stats = st.engine_loop.stats if st.engine_loop is not None else llm.engine.stats()
         return PlainTextResponse(st.metrics.render(stats), media_type=PROMETHEUS_CONTENT_TYPE)
 
+    install_page(app)  # GET /: the live page, a client of the routes above (server/page.py)
     install_openapi(app, state)  # /openapi.json tells the real statuses, streams and limits (server/openapi.py)
     return app

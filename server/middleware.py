@@ -1,6 +1,7 @@
 """ASGI middleware that guards every HTTP request before any handler runs: API key, then body size.
 
-* API key: with `settings.api_key` set, every path except `GET /health` needs
+* API key: with `settings.api_key` set, every path except `/health` and `/` (the live page, which holds no
+  data; its own requests carry the key the person types) needs
   `Authorization: Bearer <key>` (compared in constant time); otherwise 401 with `WWW-Authenticate`.
 * Body size: bodies over `settings.max_request_bytes` get 413. The body is read here (a declared
   Content-Length over the limit is refused up front; chunked bodies are counted as they arrive) and
@@ -18,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.errors import error_bytes
 from server.settings import ServerSettings
 
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/"})
 DRAIN_LIMIT = 64 << 20
 
 

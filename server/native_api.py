@@ -232,7 +232,11 @@ def _tokenize(state: ServerState, body: TokenizeRequest) -> list[int]:
 async def tokenize(body: TokenizeRequest, request: Request):
     state = server_state(request)
     tokens = await run_in_threadpool(_tokenize, state, body)
-    return {"tokens": tokens, "count": len(tokens), "max_model_len": state.llm.max_model_len}
+    out = {"tokens": tokens, "count": len(tokens), "max_model_len": state.llm.max_model_len}
+    if body.return_token_texts:
+        decode = state.llm.tokenizer.decode
+        out["token_texts"] = await run_in_threadpool(lambda: [decode([t], False) for t in tokens])
+    return out
 
 
 @router.post("/detokenize")

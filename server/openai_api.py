@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
+from engine.capture import token_char_offsets
+from engine.errors import RequestError
 from engine.outputs import RequestOutput, TokenLogprob
 from server.engine_loop import EngineStepError, Submission
 from server.errors import APIError, error_body
@@ -99,58 +102,150 @@ def chat_logprobs(lps: list[TokenLogprob], tok: _Tokens) -> dict:
 # ---- /v1/completions -----------------------------------------------------------------------------------
 
 
-def _completion_inputs(state: ServerState, body: CompletionRequest) -> tuple[list[int], list[Submission]]:
+@dataclass
+class Echo:
+    """A prompt as `echo` returns it: its text, its tokens' offsets in that text, its logprobs when asked."""
+
+    text: str
+    offsets: list[int]
+    logprobs: list[TokenLogprob | None] | None = None
+
+
+def _echo(state: ServerState, prompt: str | list[int], ids: list[int], tok: _Tokens) -> Echo:
+    text = prompt if isinstance(prompt, str) else state.llm.tokenizer.decode(ids)
+    try:
+        offsets = token_char_offsets(state.llm.tokenizer, ids, text)[0]
+    except RequestError:  # the text does not decode back from its tokens (normalised): offsets token by token
+        offsets = list(itertools.accumulate((len(tok(t)) for t in ids[:-1]), initial=0))
+    return Echo(text, offsets)
+
+
+def _prompt_list(prompt: str | list) -> list[str | list[int]]:
+    """`prompt` as a list of prompts: a string and a token-id list are one prompt each."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]
+    return list(prompt)
+
+
+@dataclass
+class CompletionInputs:
+    prompts: list[list[int]]  # token ids of each prompt
+    subs: list[Submission]  # n per prompt, prompt-major: choice index = prompt index * n + choice
+    echoes: list[Echo] | None  # per prompt, with `echo`
+    generate: bool  # False for `echo` with max_tokens 0: the one token run is not returned
+
+
+def _completion_inputs(state: ServerState, body: CompletionRequest) -> CompletionInputs:
     check_model(body.model, state.model_name)
     check_n(body.n, state.settings)
-    ids = prompt_ids(state.llm, body.prompt)
-    requested = body.max_tokens if body.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
-    max_tokens = max_tokens_for(state.llm, len(ids), requested, prompt_param="prompt")
-    return ids, submissions(state.llm, state.settings, body, ids, n=body.n, max_tokens=max_tokens,
-                            logprobs=body.logprobs)
+    prompts = _prompt_list(body.prompt)
+    if len(prompts) > 1 and len(prompts) * body.n > state.settings.max_waiting_requests:
+        raise APIError(400, f"{len(prompts)} prompts x n={body.n} is more completions than the server queues "
+                            f"({state.settings.max_waiting_requests}); send fewer at a time", param="prompt")
+    if body.max_tokens == 0 and not body.echo:
+        raise APIError(400, "max_tokens must be >= 1 (0 only with echo: the prompt alone)", param="max_tokens")
+    generate = body.max_tokens != 0
+    requested = (body.max_tokens if body.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS) or 1
+    prompt_logprobs = body.logprobs if body.echo else None
+    all_ids, subs = [], []
+    for i, prompt in enumerate(prompts):
+        param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+        ids = prompt_ids(state.llm, prompt, param)
+        max_tokens = max_tokens_for(state.llm, len(ids), requested, prompt_param=param)
+        all_ids.append(ids)
+        subs += submissions(state.llm, state.settings, body, ids, n=body.n, max_tokens=max_tokens,
+                            logprobs=body.logprobs if generate else None, prompt_logprobs=prompt_logprobs,
+                            renames={"prompt": param})
+    tok = _Tokens(state)
+    echoes = [_echo(state, p, ids, tok) for p, ids in zip(prompts, all_ids)] if body.echo else None
+    return CompletionInputs(all_ids, subs, echoes, generate)
+
+
+class _CompletionChoices:
+    """The choices of one /v1/completions request, and how each becomes JSON (whole or as stream deltas)."""
+
+    def __init__(self, body: CompletionRequest, inputs: CompletionInputs, tok: _Tokens):
+        self.inputs, self.tok, self.n = inputs, tok, body.n
+        self.want_lp = body.logprobs is not None
+        self.choices = [Choice() for _ in inputs.subs]
+        self.echo_sent = [False] * len(inputs.subs)
+
+    def add(self, i: int, out: RequestOutput) -> None:
+        echo = self._echo(i)
+        if echo is not None and echo.logprobs is None and out.prompt_logprobs is not None:
+            echo.logprobs = out.prompt_logprobs
+        if self.inputs.generate:
+            self.choices[i].add(out)
+        elif out.finished:
+            self.choices[i].finish_reason = "length"  # max_tokens 0: the prompt alone
+            self.choices[i].cached_tokens = out.num_cached_prompt_tokens
+
+    def _echo(self, i: int) -> Echo | None:
+        return self.inputs.echoes[i // self.n] if self.inputs.echoes is not None else None
+
+    def json(self, i: int, text: str, start: int = 0, *, with_echo: bool = True) -> dict:
+        """Choice i with `text`, and logprobs from its `start`-th generated token on; led by the prompt when
+        `with_echo` (a stream's first event of the choice)."""
+        c, echo = self.choices[i], self._echo(i)
+        lp = None
+        if self.want_lp:
+            shift = len(echo.text) if echo is not None else 0  # offsets count from the start of the echoed prompt
+            lp = completion_logprobs(c.logprobs[start:], [o + shift for o in c.offsets[start:]], self.tok)
+            if echo is not None and with_echo:
+                lp = _with_prompt(lp, echo, self.tok, self.inputs.prompts[i // self.n])
+        if echo is not None and with_echo:
+            text = echo.text + text
+        return {"index": i, "text": text, "logprobs": lp, "finish_reason": c.finish_reason}
+
+    def usage(self) -> dict:
+        """Prompt tokens of every prompt once (not per choice), as vLLM counts them."""
+        prompt = sum(len(ids) for ids in self.inputs.prompts)
+        firsts = self.choices[:: self.n]
+        completion = sum(c.num_tokens for c in self.choices)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in firsts)}}
+
+
+def _with_prompt(lp: dict, echo: Echo, tok: _Tokens, ids: list[int]) -> dict:
+    """Completion logprobs led by the prompt's: its first token has none (null), as in OpenAI's echo."""
+    plps = echo.logprobs or [None] * len(ids)
+    return {
+        "tokens": [tok(t) for t in ids] + lp["tokens"],
+        "token_logprobs": [finite(p.logprob) if p else None for p in plps] + lp["token_logprobs"],
+        "top_logprobs": [{tok(t): finite(v) for t, v in p.top} if p else None for p in plps] + lp["top_logprobs"],
+        "text_offset": echo.offsets + lp["text_offset"],
+    }
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     state = server_state(request)
     arrival = time.monotonic()
-    ids, subs = await run_in_threadpool(_completion_inputs, state, body)  # tokenising stays off the event loop
+    inputs = await run_in_threadpool(_completion_inputs, state, body)  # tokenising stays off the event loop
     with request_errors():
-        group = await state.loop().submit(subs, arrival)
+        group = await state.loop().submit(inputs.subs, arrival)
     meta = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": state.model_name}
-    tok = _Tokens(state)
-    choices = [Choice() for _ in range(body.n)]
-    want_lp = body.logprobs is not None
+    cc = _CompletionChoices(body, inputs, _Tokens(state))
 
     if not body.stream:
-        await collect(group, request, lambda i, out: choices[i].add(out))
-        return {
-            **meta,
-            "choices": [
-                {"index": i, "text": c.text,
-                 "logprobs": completion_logprobs(c.logprobs, c.offsets, tok) if want_lp else None,
-                 "finish_reason": c.finish_reason}
-                for i, c in enumerate(choices)
-            ],
-            "usage": _usage(len(ids), choices),
-        }
+        await collect(group, request, cc.add)
+        return {**meta, "choices": [cc.json(i, c.text) for i, c in enumerate(cc.choices)], "usage": cc.usage()}
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     extra = {"usage": None} if include_usage else {}
 
     def on_output(i: int, out: RequestOutput) -> Iterator[str]:
-        c = choices[i]
-        n_before = len(c.logprobs)
-        c.add(out)
-        if not (out.new_text or out.finished or (want_lp and out.new_logprobs)):
-            return
-        lp = completion_logprobs(c.logprobs[n_before:], c.offsets[n_before:], tok) if want_lp else None
-        choice = {"index": i, "text": out.new_text, "logprobs": lp, "finish_reason": c.finish_reason}
-        yield sse({**meta, "choices": [choice], **extra})
+        n_before = len(cc.choices[i].logprobs)
+        cc.add(i, out)
+        first, cc.echo_sent[i] = not cc.echo_sent[i], True
+        text = out.new_text if inputs.generate else ""
+        if text or out.finished or (cc.want_lp and out.new_logprobs) or (first and body.echo):
+            yield sse({**meta, "choices": [cc.json(i, text, n_before, with_echo=first)], **extra})
 
     usage = {**meta, "choices": []} if include_usage else None
-    return stream_response(_choice_events(group, [], on_output, usage, len(ids), choices,
-                                          state.settings.sse_keepalive_s), group)
+    return stream_response(_choice_events(group, [], on_output, usage, cc.usage, state.settings.sse_keepalive_s),
+                           group)
 
 
 # ---- /v1/chat/completions ------------------------------------------------------------------------------
@@ -219,12 +314,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
     roles = [make(i, {"role": "assistant", "content": ""}) for i in range(body.n)]
     usage = {**chunk, "choices": []} if include_usage else None
-    return stream_response(_choice_events(group, roles, on_output, usage, len(ids), choices,
+    return stream_response(_choice_events(group, roles, on_output, usage, lambda: _usage(len(ids), choices),
                                           state.settings.sse_keepalive_s), group)
 
 
-async def _choice_events(group, first: list[str], on_output, usage: dict | None, prompt_len: int,
-                         choices: list[Choice], keepalive_s: float) -> AsyncIterator[str]:
+async def _choice_events(group, first: list[str], on_output, usage: dict | None, usage_of: Callable[[], dict],
+                         keepalive_s: float) -> AsyncIterator[str]:
     """The SSE stream of a completion: `first`, then `on_output`'s events per output, then the usage chunk
     (when asked), then [DONE]; an engine failure becomes an error event, and the group is always closed."""
     try:
@@ -234,7 +329,7 @@ async def _choice_events(group, first: list[str], on_output, usage: dict | None,
             for event in on_output(*item) if item is not None else [SSE_KEEPALIVE]:
                 yield event
         if usage is not None:
-            yield sse({**usage, "usage": _usage(prompt_len, choices)})
+            yield sse({**usage, "usage": usage_of()})
     except EngineStepError as e:
         yield sse(error_body(str(e), "server_error"))
     finally:

@@ -7,7 +7,7 @@ the spec, built once, says:
 
 * every status an operation can answer, each error with the `ErrorResponse` body
   (`{"error": {"message", "type", "param", "code"}}`): 400 (any request body), 401 (with an API key
-  set: every route but `GET /health`, also declared as the `bearerAuth` security scheme), 404
+  set: every route but `GET /health` and the page at `GET /`, also declared as the `bearerAuth` security scheme), 404
   (unknown `model`), 413 (request body over `max_request_bytes`), 429 (generation routes, with
   `Retry-After`), 500 (unexpected failures; engine failures on generation routes), 503 (generation
   routes, while the server drains on shutdown);
@@ -71,6 +71,7 @@ class TokenizeResponse(BaseModel):
     tokens: list[int]
     count: int
     max_model_len: int
+    token_texts: list[str] | None = Field(default=None, description="with return_token_texts")
 
 
 class DetokenizeResponse(BaseModel):
@@ -89,9 +90,11 @@ class Usage(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
+    """With `echo`, the prompt's tokens lead; the first has no logprob (null)."""
+
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 

@@ -30,6 +30,7 @@ from engine.capture import AttentionCapture, Span, char_span, token_char_offsets
 from engine.errors import RequestError
 from engine.llm import LLM
 from engine.sampling import SamplingParams
+from engine.structured import StructuredOutput
 from engine.validation import (
     SEED_END,
     SEED_MIN,
@@ -41,7 +42,7 @@ from engine.validation import (
 )
 from server.engine_loop import Submission
 from server.errors import APIError
-from server.protocol import AttentionRequest, ChatMessage, SamplingFields
+from server.protocol import AttentionRequest, ChatMessage, ResponseFormat, SamplingFields
 from server.settings import ServerSettings
 
 SAMPLING_FIELDS = (
@@ -83,11 +84,8 @@ def chat_prompt_ids(llm: LLM, messages: list[ChatMessage], param: str = "message
         return llm.chat_prompt([m.template_dict() for m in messages])
 
 
-def prompt_ids(llm: LLM, prompt: str | list, param: str = "prompt") -> list[int]:
-    """A string or a token-id list (or, as OpenAI allows, a list holding one of those: protocol.py
-    refuses longer lists). An empty result is refused by the context rules (`max_tokens_for`)."""
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]
+def prompt_ids(llm: LLM, prompt: str | list[int], param: str = "prompt") -> list[int]:
+    """A string or a token-id list. An empty result is refused by the context rules (`max_tokens_for`)."""
     with request_errors({"prompt": param}):
         return prompt_token_ids(prompt, llm.tokenizer, llm.config.vocab_size, "prompt")
 
@@ -106,12 +104,14 @@ def _context_checked(check, *args, prompt_param: str, max_tokens_param: str):
 
 
 def sampling_params(body: SamplingFields, settings: ServerSettings, *, max_tokens: int, logprobs: int | None,
-                    seed: int | None, renames: dict[str, str] | None = None) -> SamplingParams:
+                    seed: int | None, renames: dict[str, str] | None = None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
     """`SamplingParams` from the body's sampling fields; a bad value becomes a 400 naming the field."""
     kwargs = {name: getattr(body, name) for name in SAMPLING_FIELDS if getattr(body, name) is not None}
-    kwargs.update(max_tokens=max_tokens, logprobs=logprobs, seed=seed)
+    kwargs.update(max_tokens=max_tokens, logprobs=logprobs, seed=seed, prompt_logprobs=prompt_logprobs)
     if body.logit_bias:  # JSON object keys are strings; the schema has checked that they are digits
         kwargs["logit_bias"] = {int(token): bias for token, bias in body.logit_bias.items()}
+    kwargs["structured_output"] = structured_output(body.response_format)
     with request_errors(renames):
         params = SamplingParams(**kwargs)
         check_stop_limits(params.stop, settings.max_stop_strings, settings.max_stop_length)
@@ -120,17 +120,49 @@ def sampling_params(body: SamplingFields, settings: ServerSettings, *, max_token
 
 def submissions(llm: LLM, settings: ServerSettings, body: SamplingFields, ids: list[int], *, n: int,
                 max_tokens: int, logprobs: int | None, renames: dict[str, str] | None = None,
-                capture: AttentionCapture | None = None) -> list[Submission]:
+                capture: AttentionCapture | None = None, prompt_logprobs: int | None = None) -> list[Submission]:
     """One engine request per choice, each checked against every rule the engine applies, so the
     engine thread never sees a request it will refuse."""
     subs = []
     for seed in choice_seeds(body.seed, n):
-        params = sampling_params(body, settings, max_tokens=max_tokens, logprobs=logprobs, seed=seed, renames=renames)
+        params = sampling_params(body, settings, max_tokens=max_tokens, logprobs=logprobs, seed=seed, renames=renames,
+                                 prompt_logprobs=prompt_logprobs)
         names = renames or {}
         _context_checked(check_request, ids, params, llm.engine.limits, prompt_param=names.get("prompt", "prompt"),
                          max_tokens_param=names.get("max_tokens", "max_tokens"))
+        compile_grammar(llm, params.structured_output, body.response_format)
         subs.append(Submission(ids, params, capture))
     return subs
+
+
+# The field a structured-output error names, by response_format type.
+RESPONSE_FORMAT_PARAMS = {"json_object": "response_format", "json_schema": "response_format.json_schema.schema"}
+
+
+def structured_output(fmt: ResponseFormat | None) -> StructuredOutput | None:
+    """`response_format` as the engine's `StructuredOutput` (None for text)."""
+    if fmt is None or fmt.type == "text":
+        return None
+    with _response_format_errors(fmt):
+        if fmt.type == "json_object":
+            return StructuredOutput(json_object=True)
+        return StructuredOutput(json=fmt.json_schema.schema_)
+
+
+def compile_grammar(llm: LLM, spec: StructuredOutput | None, fmt: ResponseFormat | None) -> None:
+    """Compile the request's grammar here, in its worker thread: a schema the engine cannot compile is a 400
+    naming the field, and the engine thread finds the grammar in its cache."""
+    if spec is not None:
+        with _response_format_errors(fmt):
+            llm.engine.grammars.compile(spec)
+
+
+@contextmanager
+def _response_format_errors(fmt: ResponseFormat) -> Iterator[None]:
+    try:
+        yield
+    except RequestError as e:
+        raise APIError(400, e.message, param=RESPONSE_FORMAT_PARAMS[fmt.type], code=e.code) from None
 
 
 def check_n(n: int, settings: ServerSettings) -> None:

@@ -145,6 +145,55 @@ ChatMessage = Annotated[
 Messages = Annotated[list[ChatMessage], Field(min_length=1)]
 
 
+# ---- response_format ------------------------------------------------------------------------------------
+
+
+class TextResponseFormat(_Body):
+    type: Literal["text"]
+
+
+class JsonObjectResponseFormat(_Body):
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(_Body):
+    """OpenAI's `json_schema`. `strict` is accepted and changes nothing: the output always matches the schema."""
+
+    name: Annotated[StrictStr, Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")]
+    description: StrictStr | None = None
+    schema_: dict[str, Any] = Field(alias="schema", description="the JSON schema the output matches (one the "
+                                                                 "engine cannot compile: 400)")
+    strict: StrictBool | None = None
+
+
+class JsonSchemaResponseFormat(_Body):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+RESPONSE_FORMATS = {"text": TextResponseFormat, "json_object": JsonObjectResponseFormat,
+                    "json_schema": JsonSchemaResponseFormat}
+
+
+def _format_tag(value: Any) -> str | None:
+    """The response_format class for `value` by its type; None (-> an error naming the types) for another type.
+    A value that is not an object goes to TextResponseFormat, which reports it as such."""
+    if isinstance(value, BaseModel):
+        return type(value).__name__
+    if not isinstance(value, dict):
+        return TextResponseFormat.__name__
+    cls = RESPONSE_FORMATS.get(value["type"]) if isinstance(value.get("type"), str) else None
+    return cls.__name__ if cls is not None else None
+
+
+# Chosen by `type`; tagged by class name, as ChatMessage (so the tags stay out of an error's field path).
+ResponseFormat = Annotated[
+    Union[tuple(Annotated[cls, Tag(cls.__name__)] for cls in RESPONSE_FORMATS.values())],  # type: ignore  # noqa: UP007
+    Discriminator(_format_tag, custom_error_type="invalid_response_format",
+                  custom_error_message=f"type must be one of {', '.join(RESPONSE_FORMATS)}"),
+]
+
+
 # ---- requests --------------------------------------------------------------------------------------------
 
 
@@ -173,22 +222,31 @@ class SamplingFields(_Body):
                                Annotated[Number, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]],
                           Field(max_length=MAX_LOGIT_BIAS_ENTRIES)] | None = Field(
         default=None, description="token id (as a string) -> bias added to its logit, -100 (never) .. 100")
+    response_format: ResponseFormat | None = Field(
+        default=None, description="json_object: the output is a JSON object; json_schema: JSON that matches "
+                                  "json_schema.schema (written as `json.dumps` writes it)")
 
 
 class CompletionRequest(SamplingFields):
+    # max_tokens 0 needs echo: true (the handler checks it)
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"required": ["max_tokens"], "properties": {"max_tokens": {"const": 0}}},
+        "then": {"required": ["echo"], "properties": {"echo": {"const": True}}},
+    })
+
     model: StrictStr | None = None
-    # A string, a list of token ids, or (as OpenAI allows) a list holding exactly one of those.
-    prompt: (NonEmptyStr | TokenIds | Annotated[list[NonEmptyStr], Field(min_length=1, max_length=1)]
-             | Annotated[list[TokenIds], Field(min_length=1, max_length=1)])
+    # A string, a list of token ids, or (as OpenAI allows) a list of either: one completion per prompt.
+    prompt: (NonEmptyStr | TokenIds | Annotated[list[NonEmptyStr], Field(min_length=1)]
+             | Annotated[list[TokenIds], Field(min_length=1)]) = Field(
+        description="a string, token ids, or a list of either (choice index = prompt index * n + choice)")
+    max_tokens: NonNegInt | None = Field(default=None, description="0 only with echo: the prompt alone is returned")
+    echo: StrictBool = Field(default=False, description="return the prompt before the completion (with its "
+                                                        "logprobs, when logprobs is set; the first token's is null)")
     n: PositiveInt = 1
     logprobs: Logprobs | None = None  # top-n alternatives per token (OpenAI: 0..5; here up to 20)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
-
-
-class TextResponseFormat(_Body):
-    type: Literal["text"]
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -208,14 +266,13 @@ class ChatCompletionRequest(SamplingFields):
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
     # Fields clients send by default. Accepted where they ask for nothing kvmini does not do; refused (400
-    # naming the field) where they do: tool calls, stored completions, JSON output.
+    # naming the field) where they do: tool calls, stored completions.
     tools: Annotated[list[dict[str, Any]], Field(max_length=0)] | None = Field(
         default=None, description="no tool calling: only an empty list is accepted")
     tool_choice: Literal["none", "auto"] | None = None
     parallel_tool_calls: StrictBool | None = None
     store: Literal[False] | None = Field(default=None, description="completions are never stored")
     metadata: Annotated[dict[str, Annotated[StrictStr, Field(max_length=512)]], Field(max_length=16)] | None = None
-    response_format: TextResponseFormat | None = Field(default=None, description='only {"type": "text"}')
 
 
 MAX_SPANS = 64
@@ -279,6 +336,8 @@ class TokenizeRequest(_Body):
     prompt: StrictStr | None = None
     messages: Messages | None = None
     add_special_tokens: StrictBool = True
+    return_token_texts: StrictBool = Field(default=False, description="also each token's text, decoded on its own "
+                                                                      "(special tokens included)")
 
 
 class DetokenizeRequest(_Body):

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 class ServerSettings:
     """Limits and identity of one server instance.
 
-    api_key: when set, every route except `GET /health` needs `Authorization: Bearer <api_key>`.
+    api_key: when set, every route except `GET /health` and `GET /` (the live page, which holds no data) needs
+        `Authorization: Bearer <api_key>`.
     max_waiting_requests: a generation request is refused with 429 when accepting it would leave more
         than this many requests queued (accepted but not yet admitted by the scheduler); 0 refuses all.
     max_attention_values: the most attention floats one request may stream in total (see

@@ -430,7 +430,10 @@ def test_bad_inputs_give_openai_errors(live, http, llm):
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                                   "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                                  "response_format": {"type": "json_object"}}, 400, "response_format.type"),
+                                  "response_format": {"type": "xml"}}, 400, "response_format"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objectx"}}}},
+         400, "response_format.json_schema.schema"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "store": True}, 400, "store"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"},
          400, "tool_choice"),
@@ -735,3 +738,12 @@ def test_sse_streams_send_keepalive_comments_while_nothing_comes(tmp_path):
         with client.stream("POST", "/generate", json={"prompt": "ab", "max_tokens": 2, "format": "ndjson"}) as r:
             lines = [line for line in r.iter_lines() if line]
         assert all(line.startswith("{") for line in lines) and json.loads(lines[-1])["done"]
+
+
+def test_tokenize_returns_each_tokens_text_when_asked(http, llm):
+    r = http.post("/tokenize", json={"messages": [{"role": "user", "content": "Hi there"}], "return_token_texts": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["token_texts"] == [llm.tokenizer.decode([t], False) for t in body["tokens"]]
+    assert "<|im_start|>" in body["token_texts"] and " there" in body["token_texts"]
+    assert "token_texts" not in http.post("/tokenize", json={"prompt": "Hi"}).json()
