@@ -6,6 +6,7 @@ from engine.llm import LLM
 from engine.outputs import AttentionRows, RequestOutput, SpanMasses, TokenLogprob
 from engine.sampling import SamplingParams
 from engine.session import Session, Step
+from engine.structured import StructuredOutput
 
 __all__ = [
     "LLM",
@@ -21,6 +22,7 @@ __all__ = [
     "SpanMasses",
     "Session",
     "Step",
+    "StructuredOutput",
     "TokenLogprob",
     "char_spans",
 ]
