@@ -52,6 +52,8 @@ class AttentionCapture:
     rows (default: unless top_k or spans is given). head_stats: accumulate every captured head's pattern
     scores over the request. prefill_matrix: the prompt's whole matrix on the first step. scores: the
     pre-softmax scores q.k/sqrt(d) of the captured rows. value_norms: ||p_j v_j W_O|| per key and head.
+    head_stats_every: with head_stats, also a copy of the statistics so far every n generated tokens
+    (`RequestOutput.head_stats_snapshot`), safe to read on another thread while the request goes on.
     """
 
     layers: tuple[int, ...] | None = None
@@ -63,6 +65,7 @@ class AttentionCapture:
     head_stats: bool = False
     scores: bool = False
     value_norms: bool = False
+    head_stats_every: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("layers", "heads"):
@@ -76,6 +79,9 @@ class AttentionCapture:
                     raise RequestError(f"attention.{name}", f"attention.{name} has duplicates: {list(value)}")
                 object.__setattr__(self, name, value)
         check_int("attention.top_k", self.top_k, 1, allow_none=True)
+        check_int("attention.head_stats_every", self.head_stats_every, 1, allow_none=True)
+        if self.head_stats_every is not None and not self.head_stats:
+            raise RequestError("attention.head_stats_every", "head_stats_every needs head_stats")
         if self.spans is not None:
             object.__setattr__(self, "spans", _check_spans(self.spans))
 

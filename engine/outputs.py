@@ -97,6 +97,9 @@ class RequestOutput:
     # With AttentionCapture(head_stats=True): engine.head_stats.HeadStats over every captured row so far
     # (the same object on every output of the request; label it with engine.head_stats.label_heads).
     head_stats: object | None = field(default=None, repr=False)
+    # With AttentionCapture(head_stats_every=n): a copy of head_stats on every n-th generated token (the live
+    # object above changes as the request goes on; this one does not).
+    head_stats_snapshot: object | None = field(default=None, repr=False)
     # With SamplingParams(prompt_logprobs=n): one entry per prompt token, the first None (nothing predicts it);
     # complete from the request's first output on.
     prompt_logprobs: list[TokenLogprob | None] | None = field(default=None, repr=False)

@@ -24,7 +24,8 @@ Final event: {"done": true, "finish_reason", "stop_reason", "text", "token_ids",
 prompt_tokens_details.cached_tokens)}, plus
 "attention_heads": [{"layer", "head", "label", "secondary", "score", "scores", "detail"}] for every
 captured head when attention was asked (unless "head_stats": false), over the generated tokens' rows
-(and the prompt's, with "prefill_matrix": true); labels in docs/ATTENTION.md.
+(and the prompt's, with "prefill_matrix": true); labels in docs/ATTENTION.md. With "head_stats_every": n, every
+n-th token's event carries "attention_heads" too: the same, over the rows so far.
 An engine failure mid-stream ends the stream with {"error": {...}}.
 """
 
@@ -187,6 +188,8 @@ async def generate(body: GenerateRequest, request: Request):
         def on_output(_: int, out: RequestOutput) -> None:
             if out.new_token_ids:
                 events.append(token_event(out))
+                if out.head_stats_snapshot is not None:
+                    events[-1]["attention_heads"] = head_stats_json(out.head_stats_snapshot)
             if out.finished:
                 final.append(out)
 
@@ -205,7 +208,10 @@ async def generate(body: GenerateRequest, request: Request):
                     continue
                 _, out = item
                 if out.new_token_ids:
-                    yield frame(token_event(out))
+                    ev = token_event(out)
+                    if out.head_stats_snapshot is not None:  # labelled off the event loop (a few ms for 270 heads)
+                        ev["attention_heads"] = await run_in_threadpool(head_stats_json, out.head_stats_snapshot)
+                    yield frame(ev)
                 if out.finished:
                     yield frame(final_event(out))
         except EngineStepError as e:

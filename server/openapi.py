@@ -189,17 +189,6 @@ class GenerateTopLogprob(BaseModel):
     logprob: float
 
 
-class GenerateTokenEvent(BaseModel):
-    """One generated token (see server/native_api.py for `attention`)."""
-
-    token_id: int
-    text: str
-    logprob: float | None
-    top_logprobs: list[GenerateTopLogprob] | None = None  # only when `logprobs` was given
-    position: int
-    attention: dict[str, Any] | None = None  # only when `attention` was asked for
-
-
 class AttentionHead(BaseModel):
     """One captured head's pattern scores and labels (docs/ATTENTION.md)."""
 
@@ -210,6 +199,18 @@ class AttentionHead(BaseModel):
     score: float | None
     scores: dict[str, float | None]
     detail: dict[str, Any]
+
+
+class GenerateTokenEvent(BaseModel):
+    """One generated token (see server/native_api.py for `attention`)."""
+
+    token_id: int
+    text: str
+    logprob: float | None
+    top_logprobs: list[GenerateTopLogprob] | None = None  # only when `logprobs` was given
+    position: int
+    attention: dict[str, Any] | None = None  # only when `attention` was asked for
+    attention_heads: list[AttentionHead] | None = None  # every `attention.head_stats_every`-th token
 
 
 class GenerateFinalEvent(BaseModel):

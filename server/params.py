@@ -193,7 +193,8 @@ def attention_capture(spec: AttentionRequest, llm: LLM, settings: ServerSettings
         capture = AttentionCapture(
             layers=spec.layers, heads=spec.heads, top_k=spec.top_k, prefill_matrix=spec.prefill_matrix,
             spans=_spans(spec.spans, llm, ids, prompt_text) if spec.spans is not None else None,
-            rows=spec.rows, head_stats=spec.head_stats, scores=spec.scores, value_norms=spec.value_norms)
+            rows=spec.rows, head_stats=spec.head_stats, scores=spec.scores, value_norms=spec.value_norms,
+            head_stats_every=spec.head_stats_every)
         capture.validate(cfg.num_hidden_layers, cfg.num_attention_heads, len(ids))
     if capture.head_stats:
         llm.engine.separator_mask  # noqa: B018 - built once (0.3 s) here, in a worker thread, not on the engine's

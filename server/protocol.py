@@ -302,6 +302,8 @@ class AttentionRequest(_Body):
     rows: StrictBool | None = Field(default=None, description="stream full rows (default: unless top_k or spans)")
     head_stats: StrictBool = Field(default=True, description="every captured head's pattern scores and labels "
                                                              "on the final event")
+    head_stats_every: PositiveInt | None = Field(default=None, description="also on every n-th token's event: the "
+                                                                           "heads' scores and labels so far")
     prefill_matrix: StrictBool = Field(default=False, description="the prompt's whole attention matrix, on the "
                                                                  "first token's event")
     scores: StrictBool = Field(default=False, description="also the pre-softmax scores q.k/sqrt(d) of full rows")

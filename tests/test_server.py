@@ -344,6 +344,25 @@ def test_harmless_openai_fields_are_accepted(http):
     assert r.json()["choices"][0]["message"]["role"] == "assistant"
 
 
+def test_generate_head_labels_so_far_every_n_tokens(http):
+    """attention.head_stats_every: every n-th token's event carries the labels over the rows so far: the same as
+    the final event of a request that ends there (greedy, so both see the same tokens)."""
+    prompt = "A B C D A B C D A B"
+    attention = {"layers": [17, 18], "top_k": 4, "head_stats_every": 2}
+    with http.stream("POST", "/generate", json={"prompt": prompt, "max_tokens": 5, "temperature": 0,
+                                                "attention": attention}) as resp:
+        events = sse_events(resp.iter_lines())
+    tokens = events[:-1]
+    assert ["attention_heads" in e for e in tokens] == [False, True, False, True, False]  # not the last token's:
+    assert "attention_heads" in events[-1]  # the final event has them
+    short = http.post("/generate", json={"prompt": prompt, "max_tokens": 4, "temperature": 0, "stream": False,
+                                         "attention": {"layers": [17, 18], "top_k": 4}}).json()
+    assert tokens[3]["attention_heads"] == short["attention_heads"]
+    assert len(short["attention_heads"]) == 2 * 9
+    r = http.post("/generate", json={"prompt": "x", "attention": {"head_stats": False, "head_stats_every": 2}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "attention.head_stats_every"
+
+
 def test_generate_span_masses_equal_the_library(live, http, llm):
     """Spans alone over HTTP: every layer, head-averaged, each token; the same numbers as the library's."""
     prompt = "Doc A: the sky is green. Doc B: the grass is blue. Question: what colour is the sky? Answer:"
