@@ -6,7 +6,13 @@ MQA-1; the others are made with `engine.kv_memory.variants`):
   at each context (blocks reserved through the BlockManager); VmRSS growth from allocating the pool (fresh
   process); sequences admitted by a weightless LLMEngine at a memory budget until the scheduler refuses one;
 - for the real variants (float32): perplexity on a fixed English text, greedy agreement with the original
-  over 128 tokens on a few chat prompts, and batch-1 greedy decode tokens/s at a short and a long context.
+  over 128 tokens on a few chat prompts, and batch-1 greedy decode tokens/s at a short and a long context;
+- the cache table: every variant x KV-cache dtype (bfloat16, int8, fp8_e4m3; engine/kv_quant.py) with a
+  bfloat16 model: bytes per token, sequences admitted in the budget, and perplexity and greedy agreement
+  read back through the cache (the text fed 64 tokens at a time, so attention reads the stored K/V).
+
+`--sections` picks what runs; a section not run keeps its results from the last bench/results/kv_memory.json
+(so the cache table can be redone without re-timing decode speed on a busy machine).
 
 Writes bench/results/kv_memory.json, kv_memory.md and kv_memory.png (the plot needs matplotlib).
 """
@@ -29,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import DEFAULT_MODEL, RESULTS, english_text, machine, print_table, write_json  # noqa: E402
 from engine import LLM, Session  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
-from engine.kv_memory.quality import Agreement, compare, greedy  # noqa: E402
+from engine.kv_memory.quality import Agreement, cached_compare, cached_perplexity, compare, greedy  # noqa: E402
 from engine.kv_memory.sizing import SizingRow, blocks_for, size  # noqa: E402
 from engine.kv_memory.variants import convert_kv_heads, divisors, variant_config, variant_name  # noqa: E402
 from engine.llm import parse_dtype  # noqa: E402
@@ -54,6 +60,19 @@ class VariantResult:
     perplexity_tokens: int
     agreement: Agreement
     decode_tokens_per_s: dict[int, float]
+
+
+@dataclasses.dataclass
+class CacheResult:
+    """One variant with one KV-cache dtype (bfloat16 model): quality read back through the cache."""
+
+    name: str
+    kv_heads: int
+    kv_cache_dtype: str  # "auto" = bfloat16
+    bytes_per_token: int
+    perplexity: float
+    perplexity_tokens: int
+    agreement: Agreement  # against the original model with a bfloat16 cache
 
 
 # ---- quality and speed of loaded variants -------------------------------------------------------------------
@@ -147,13 +166,50 @@ def run_quality(args, config: ModelConfig, kv_counts: list[int], workdir: Path) 
     return sorted(results, key=lambda r: -r.kv_heads)
 
 
+def run_cache_quality(args, config: ModelConfig, kv_counts: list[int], workdir: Path) -> list[CacheResult]:
+    """Every variant with every KV-cache dtype, one loaded at a time; the reference is the original model's
+    greedy output with a bfloat16 cache."""
+    from engine.tokenizer import Tokenizer
+
+    dirs = prepare(args, config, kv_counts, workdir)
+    tok = Tokenizer.from_dir(args.model)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+               for p in PROMPTS[: args.prompts]]
+    window = max(args.speed_contexts)
+    text = tok.encode(english_text())[: window * args.ppl_windows]
+    pool = args.prompts * (max(len(p) for p in prompts) + args.agree_tokens) + window + 64
+    reference = None
+    results = []
+    for name, d in dirs.items():
+        for kind in ["auto", *args.kv_cache_dtypes]:
+            t = time.perf_counter()
+            llm = LLM(d, dtype="bfloat16", kv_cache_dtype=kind, num_blocks=blocks_for(pool, 16))
+            if reference is None:  # the original (first), bfloat16 cache
+                reference = greedy(llm, prompts, args.agree_tokens)
+            ppl = cached_perplexity(llm, text, window=window)
+            result = CacheResult(name, llm.config.num_key_value_heads, kind, llm.kv_cache.bytes_per_token,
+                                 ppl.value, ppl.tokens_scored, cached_compare(llm, prompts, reference))
+            print(f"{name} {kind}: perplexity {ppl.value:.3f}, {result.agreement} "
+                  f"({time.perf_counter() - t:.0f}s)")
+            results.append(result)
+            del llm
+    return sorted(results, key=lambda r: (-r.kv_heads, ["auto", *args.kv_cache_dtypes].index(r.kv_cache_dtype)))
+
+
 def run_sizing(args, config: ModelConfig, kv_counts: list[int]) -> list[SizingRow]:
+    """Each dtype with its own cache, then the 8-bit caches (with the last dtype as the model's)."""
+    kinds = [(dtype, "auto") for dtype in args.dtypes] + [(args.dtypes[-1], k) for k in args.kv_cache_dtypes]
     rows = []
-    for dtype in args.dtypes:
+    for dtype, kind in kinds:
         for kv in sorted(kv_counts, reverse=True):
             rows.append(size(variant_config(config, kv), parse_dtype(dtype), args.contexts, args.budget,
-                             args.budget_contexts))
+                             args.budget_contexts, kv_cache_dtype=kind))
     return rows
+
+
+def cache_label(row: dict) -> str:
+    """What the cache stores: the dtype, or the 8-bit kind."""
+    return row["dtype"] if row.get("kv_cache_dtype", "auto") == "auto" else row["kv_cache_dtype"]
 
 
 # ---- output -----------------------------------------------------------------------------------------------
@@ -176,7 +232,7 @@ def markdown(payload: dict) -> str:
     ]
     for r in a:
         rss = f"{r['rss_growth'] / MIB:.1f}" if r["rss_growth"] is not None else "n/a"
-        lines.append(f"| {r['name']} | {r['dtype']} | {r['bytes_per_token']:,} | {r['pool_blocks']} | "
+        lines.append(f"| {r['name']} | {cache_label(r)} | {r['bytes_per_token']:,} | {r['pool_blocks']} | "
                      f"{r['pool_bytes_formula'] / MIB:.2f} | {r['pool_bytes_measured'] / MIB:.2f} | {rss} | "
                      f"{'yes' if r['exact'] else 'NO'} |")
     lines += ["", "## Bytes one sequence holds (measured via BlockManager.held_bytes, MiB; equal to the formula "
@@ -184,7 +240,7 @@ def markdown(payload: dict) -> str:
               "| variant | dtype | " + " | ".join(str(c) for c in ctx) + " |",
               "|---|---|" + "---:|" * len(ctx)]
     for r in a:
-        lines.append(f"| {r['name']} | {r['dtype']} | " + " | ".join(
+        lines.append(f"| {r['name']} | {cache_label(r)} | " + " | ".join(
             f"{r['held_measured'][str(c)] / MIB:.2f}" for c in ctx) + " |")
     lines += ["", f"## Concurrent sequences in a {s['budget'] / 2**30:g} GiB budget (admitted by the scheduler; "
               "formula in brackets where it differs)", "",
@@ -195,7 +251,7 @@ def markdown(payload: dict) -> str:
         for c in bctx:
             got, want = r["max_seqs_admitted"][str(c)], r["max_seqs_formula"][str(c)]
             cells.append(f"{got}" if got == want else f"{got} ({want})")
-        lines.append(f"| {r['name']} | {r['dtype']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['name']} | {cache_label(r)} | " + " | ".join(cells) + " |")
     if q:
         sc = sorted(int(c) for c in q[0]["decode_tokens_per_s"])
         lines += ["", "## Quality and speed of the real variants (float32)", "",
@@ -209,7 +265,34 @@ def markdown(payload: dict) -> str:
             lines.append(f"| {v['name']} | {v['perplexity']:.3f} | {g['prefix']:.3f} | {g['overall']:.3f} | "
                          f"{g['forced_top1']:.3f} | " + " | ".join(
                              f"{v['decode_tokens_per_s'][str(c)]:.2f}" for c in sc) + " |")
+    lines += cache_table(payload)
     return "\n".join(lines) + "\n"
+
+
+def cache_table(payload: dict) -> list[str]:
+    """Variant x KV-cache dtype: bytes, sequences in the budget, quality read through the cache."""
+    rows, s = payload.get("cache_quality") or [], payload["settings"]
+    if not rows:
+        return []
+    admitted = {(r["name"], cache_label(r)): r["max_seqs_admitted"] for r in payload["sizing"]
+                if r["dtype"] == "bfloat16"}
+    bctx = [c for c in (2048, 8192) if str(c) in next(iter(admitted.values()), {})]
+    lines = ["", "## Cache dtypes: a bfloat16 model with a bfloat16, int8 or fp8 cache", "",
+             f"Perplexity over {rows[0]['perplexity_tokens']} tokens of `english_text()` and agreement over "
+             f"{s['agree_tokens']} greedy tokens on {s['prompts']} chat prompts against the original model with a "
+             "bfloat16 cache, both read back through the cache (the text fed 64 tokens at a time). Sequences: "
+             f"admitted by the scheduler in {s['budget'] / 2**30:g} GiB.", "",
+             "| variant | cache | KV bytes/token | " + " | ".join(f"seqs @ {c}" for c in bctx)
+             + " | perplexity | agree until 1st diff | agree overall | forced top-1 |",
+             "|---|---|---:|" + "---:|" * len(bctx) + "---:|---:|---:|---:|"]
+    for r in rows:
+        label = "bfloat16" if r["kv_cache_dtype"] == "auto" else r["kv_cache_dtype"]
+        seqs = admitted.get((r["name"], label), {})
+        g = r["agreement"]
+        lines.append(f"| {r['name']} | {label} | {r['bytes_per_token']:,} | "
+                     + " | ".join(str(seqs.get(str(c), "n/a")) for c in bctx)
+                     + f" | {r['perplexity']:.3f} | {g['prefix']:.3f} | {g['overall']:.3f} | {g['forced_top1']:.3f} |")
+    return lines
 
 
 def plot(payload: dict, path: Path) -> Path | None:
@@ -226,17 +309,17 @@ def plot(payload: dict, path: Path) -> Path | None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     names = list(dict.fromkeys(r["name"] for r in rows))
     color = {name: f"C{i}" for i, name in enumerate(names)}  # one colour per variant, one line style per dtype
+    styles = dict(zip(dict.fromkeys(cache_label(r) for r in rows), ["-", "--", ":", "-."]))  # one per cache kind
     for r in rows:
-        style = "-" if r["dtype"] == s["dtypes"][0] else "--"
         ctx = sorted(int(c) for c in r["held_measured"])
-        left.plot(ctx, [r["held_measured"][str(c)] / MIB for c in ctx], style, color=color[r["name"]], marker="o",
-                  ms=3, label=f"{r['name']} {r['dtype']}")
+        left.plot(ctx, [r["held_measured"][str(c)] / MIB for c in ctx], styles.get(cache_label(r), "-"),
+                  color=color[r["name"]], marker="o", ms=3, label=f"{r['name']} {cache_label(r)}")
     left.set(yscale="log", xlabel="context length (tokens)", ylabel="KV MiB held by one sequence",
              title="Per-sequence KV memory (measured)")
     left.set_xscale("log", base=2)
     left.legend(fontsize=7)
     left.grid(alpha=0.3, which="both")
-    first = [r for r in rows if r["dtype"] == s["dtypes"][0]]
+    first = [r for r in rows if cache_label(r) == s["dtypes"][0]]
     bctx = s["budget_contexts"]
     width = 0.8 / len(first)
     for i, r in enumerate(first):
@@ -260,6 +343,11 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     ap.add_argument("--kv-heads", type=int, nargs="+", help="KV-head counts (default: every divisor of the heads)")
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--kv-cache-dtypes", nargs="*", default=["int8", "fp8_e4m3"],
+                    help="8-bit caches sized (with the last --dtypes as the model's) and measured (bfloat16 model)")
+    ap.add_argument("--sections", nargs="+", default=["sizing", "quality", "cache"],
+                    choices=["sizing", "quality", "cache"],
+                    help="what to run; the others keep their results from the last kv_memory.json")
     ap.add_argument("--contexts", type=int, nargs="+", default=[256, 512, 1000, 1024, 2048, 4096, 8192])
     ap.add_argument("--budget", type=int, default=2**30, help="bytes (default 1 GiB)")
     ap.add_argument("--budget-contexts", type=int, nargs="+", default=[256, 1000, 2048, 8192])
@@ -289,12 +377,16 @@ def main() -> None:
     kv_counts = args.kv_heads or divisors(config.num_attention_heads)
     for kv in kv_counts:
         variant_config(config, kv)  # fail fast on a bad count
-    sizing = run_sizing(args, config, kv_counts)
+    previous = json.loads((RESULTS / "kv_memory.json").read_text()) if (RESULTS / "kv_memory.json").is_file() else {}
+    sections = set(args.sections) - ({"quality", "cache"} if args.skip_quality else set())
+    sizing = run_sizing(args, config, kv_counts) if "sizing" in sections else previous.get("sizing", [])
     print(f"sizing done in {time.perf_counter() - start:.0f}s")
-    quality: list[VariantResult] = []
-    if not args.skip_quality:
-        with tempfile.TemporaryDirectory(prefix="kv_variants_") as tmp:
+    quality, cache = previous.get("quality", []), previous.get("cache_quality", [])
+    with tempfile.TemporaryDirectory(prefix="kv_variants_") as tmp:
+        if "quality" in sections:
             quality = run_quality(args, config, kv_counts, args.variants_dir or Path(tmp))
+        if "cache" in sections:
+            cache = run_cache_quality(args, config, kv_counts, args.variants_dir or Path(tmp))
 
     payload = {
         "benchmark": "kv_memory",
@@ -302,17 +394,18 @@ def main() -> None:
         "model": str(args.model.name),
         "config": config.to_dict(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "sizing": [dataclasses.asdict(r) | {"exact": r.exact} for r in sizing],
-        "quality": [dataclasses.asdict(v) for v in quality],
+        "sizing": [dataclasses.asdict(r) | {"exact": r.exact} if isinstance(r, SizingRow) else r for r in sizing],
+        "quality": [dataclasses.asdict(v) if isinstance(v, VariantResult) else v for v in quality],
+        "cache_quality": [dataclasses.asdict(v) if isinstance(v, CacheResult) else v for v in cache],
         "runtime_s": time.perf_counter() - start,
     }
     payload = _json_keys(payload)
     json_path = write_json("kv_memory", payload)
     (RESULTS / "kv_memory.md").write_text(markdown(payload))
     png = plot(payload, RESULTS / "kv_memory.png")
-    print_table(["variant", "dtype", "B/token", f"held @{max(args.contexts)} MiB", "exact"],
-                [[r.name, r.dtype, r.bytes_per_token, r.held_measured[max(args.contexts)] / MIB, r.exact]
-                 for r in sizing])
+    print_table(["variant", "cache", "B/token", f"held @{max(args.contexts)} MiB", "exact"],
+                [[r["name"], cache_label(r), r["bytes_per_token"], r["held_measured"][str(max(args.contexts))] / MIB,
+                  r["exact"]] for r in payload["sizing"]])
     print(f"wrote {json_path}, {RESULTS / 'kv_memory.md'}" + (f", {png}" if png else "")
           + f" in {payload['runtime_s']:.0f}s")
 

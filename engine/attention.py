@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from engine.kv_quant import QuantizedPool
+
 if TYPE_CHECKING:
     from engine.capture import CaptureSink
 
@@ -87,6 +89,10 @@ def paged_attention(
 
 
 def _write_cache(k, v, k_pool, v_pool, slot_mapping) -> None:
+    if isinstance(k_pool, QuantizedPool):  # kv_cache_dtype int8 / fp8_e4m3: quantized as written
+        k_pool.write(slot_mapping, k)
+        v_pool.write(slot_mapping, v)
+        return
     kvh, d = k.shape[1], k.shape[2]
     k_pool.view(-1, kvh, d).index_copy_(0, slot_mapping, k)
     v_pool.view(-1, kvh, d).index_copy_(0, slot_mapping, v)
@@ -107,6 +113,8 @@ def _decode(q, k_pool, v_pool, batch: DecodeBatch, layer: int, scale: float) -> 
 
 def _gather(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """Rows of `pool` (`[blocks, block_size, KVH, D]`) at cache `slots` `[..., L]` -> `[..., L, KVH, D]`."""
+    if isinstance(pool, QuantizedPool):
+        return pool.gather(slots)  # dequantized into the model's dtype
     flat = pool.view(-1, pool.shape[2], pool.shape[3])
     # index_select copies whole rows; it is several times faster than advanced indexing here.
     return flat.index_select(0, slots.reshape(-1)).view(*slots.shape, pool.shape[2], pool.shape[3])

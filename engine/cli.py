@@ -9,6 +9,7 @@ from pathlib import Path
 
 from engine.errors import CheckpointError
 from engine.kv_cache import DEFAULT_KV_CACHE_MEMORY
+from engine.kv_quant import KV_CACHE_DTYPES
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "smollm2-135m-instruct"
 
@@ -99,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
                                                      "max_position_embeddings)")
     s.add_argument("--kv-cache-memory", default=f"{DEFAULT_KV_CACHE_MEMORY >> 20}M",
                    help="KV cache size: bytes, or with a suffix like 512M, 2G")
+    s.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="what the KV cache stores: auto (the model's dtype), int8 or fp8_e4m3 (8 bits and a float16 "
+                        "scale per token and KV head: about half of bfloat16's bytes)")
     s.add_argument("--max-num-seqs", type=int, default=64, help="most sequences decoded together")
     s.add_argument("--max-num-batched-tokens", type=int, default=512, help="most tokens in one step (prefill "
                                                                          "chunks and decode rows)")

@@ -9,6 +9,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.errors import CacheFullError
+from engine.kv_quant import QuantizedPool, bytes_per_value, check_kv_cache_dtype
 
 
 DEFAULT_KV_CACHE_MEMORY = 256 * 2**20  # bytes of K/V pool when neither num_blocks nor kv_cache_memory is given
@@ -16,14 +17,21 @@ DEFAULT_KV_CACHE_MEMORY = 256 * 2**20  # bytes of K/V pool when neither num_bloc
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """How big the pool is: `num_blocks` wins; else `kv_cache_memory` bytes; else 256 MiB."""
+    """How big the pool is: `num_blocks` wins; else `kv_cache_memory` bytes; else 256 MiB. What it stores:
+    `kv_cache_dtype` "auto" (the model's dtype), "int8" or "fp8_e4m3" with a float16 scale per token, KV head
+    and `kv_cache_group_size` dims (None: the whole head); see engine/kv_quant.py."""
 
     block_size: int = 16
     num_blocks: int | None = None
     kv_cache_memory: int | None = None
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"
+    kv_cache_group_size: int | None = None
 
     def __post_init__(self) -> None:
+        check_kv_cache_dtype(self.kv_cache_dtype)
+        if self.kv_cache_group_size is not None and self.kv_cache_group_size < 1:
+            raise ValueError(f"kv_cache_group_size must be >= 1, got {self.kv_cache_group_size}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:
@@ -41,17 +49,30 @@ class CacheConfig:
         return n
 
 
+def kv_bytes_per_token(config: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -> int:
+    """Cache bytes one token takes: 2 (K and V) x layers x kv_heads x head_dim x bytes per value, scales included."""
+    per_value = bytes_per_value(cache.kv_cache_dtype, dtype, config.head_dim, cache.kv_cache_group_size)
+    return round(2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * per_value)
+
+
 class KVCache:
-    """One K pool and one V pool per layer, each `[num_blocks, block_size, n_kv_heads, head_dim]`."""
+    """One K pool and one V pool per layer, each `[num_blocks, block_size, n_kv_heads, head_dim]`: tensors of
+    the model's dtype, or `QuantizedPool`s (8-bit codes and scales) with a quantized `kv_cache_dtype`."""
 
     def __init__(self, config: ModelConfig, cache: CacheConfig, dtype: torch.dtype, device: torch.device | str):
         self.block_size = cache.block_size
-        self.dtype_bytes = torch.empty((), dtype=dtype).element_size()
-        self.bytes_per_token = config.kv_bytes_per_token(self.dtype_bytes)
+        self.kv_cache_dtype = cache.kv_cache_dtype
+        self.bytes_per_token = kv_bytes_per_token(config, cache, dtype)
         self.num_blocks = cache.resolve_num_blocks(self.bytes_per_token * cache.block_size)
         shape = (self.num_blocks, cache.block_size, config.num_key_value_heads, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+
+        def pool():
+            if cache.kv_cache_dtype == "auto":
+                return torch.zeros(shape, dtype=dtype, device=device)
+            return QuantizedPool.empty(shape, cache.kv_cache_dtype, dtype, device, cache.kv_cache_group_size)
+
+        self.k = [pool() for _ in range(config.num_hidden_layers)]
+        self.v = [pool() for _ in range(config.num_hidden_layers)]
 
     @property
     def bytes_per_block(self) -> int:
@@ -59,11 +80,14 @@ class KVCache:
 
     def pool_bytes(self) -> int:
         """Bytes the pools really occupy, read from tensor storage (not computed from the formula)."""
-        return sum(t.untyped_storage().nbytes() for t in self.k + self.v)
+        return sum(p.nbytes() if isinstance(p, QuantizedPool) else p.untyped_storage().nbytes() for p in self.k + self.v)
 
     def copy_block(self, src: int, dst: int) -> None:
         for pool in self.k + self.v:
-            pool[dst].copy_(pool[src])
+            if isinstance(pool, QuantizedPool):
+                pool.copy_block(src, dst)
+            else:
+                pool[dst].copy_(pool[src])
 
 
 class BlockAllocator:

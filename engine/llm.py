@@ -77,6 +77,8 @@ class LLM:
         num_blocks: int | None = None,
         kv_cache_memory: int | None = None,
         enable_prefix_caching: bool = True,
+        kv_cache_dtype: str = "auto",
+        kv_cache_group_size: int | None = None,
         max_num_seqs: int = 64,
         max_num_batched_tokens: int = 512,
         max_model_len: int | None = None,
@@ -91,7 +93,8 @@ class LLM:
         self.engine_config = EngineConfig(
             dtype=parse_dtype(dtype),
             device=torch.device(device),
-            cache=CacheConfig(block_size, num_blocks, kv_cache_memory, enable_prefix_caching),
+            cache=CacheConfig(block_size, num_blocks, kv_cache_memory, enable_prefix_caching, kv_cache_dtype,
+                              kv_cache_group_size),
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             max_model_len=max_model_len,

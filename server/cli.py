@@ -69,6 +69,7 @@ def serve(args: argparse.Namespace) -> int:
     llm = load_llm(
         args,
         kv_cache_memory=kv_bytes,
+        kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=getattr(args, "max_model_len", None),
@@ -78,7 +79,8 @@ def serve(args: argparse.Namespace) -> int:
     stats = llm.engine.stats()
     print(f"kvmini: serving {app.state.kvmini.model_name} at http://{host}:{args.port}/v1 "
           f"({int(stats['kv_blocks_total'])} KV blocks of {llm.blocks.block_size} tokens; "
-          f"{str(llm.engine_config.dtype).removeprefix('torch.')}, linear layers: {describe(llm.model)}; "
+          f"{str(llm.engine_config.dtype).removeprefix('torch.')}, KV cache {llm.kv_cache.kv_cache_dtype}, "
+          f"linear layers: {describe(llm.model)}; "
           f"{torch.get_num_threads()} threads{', API key required' if api_key else ''})", flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=getattr(args, "log_level", "info"),
                             timeout_graceful_shutdown=settings.shutdown_timeout + SHUTDOWN_GRACE_S)

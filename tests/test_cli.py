@@ -351,6 +351,8 @@ def test_serve_cli_reads_like_vllms(monkeypatch, capsys, tmp_path):
     assert (args.model, args.served_model_name, args.max_model_len, args.max_waiting_requests, args.log_level) == (
         tmp_path, "smol", 1024, 7, "warning")
     assert main(["serve", "--model", str(tmp_path)]) == 0 and seen.pop("args").model == tmp_path
+    assert main(["serve", str(tmp_path), "--kv-cache-dtype", "int8"]) == 0
+    assert seen.pop("args").kv_cache_dtype == "int8"
     assert main(["serve"]) == 0 and seen.pop("args").model == DEFAULT_MODEL
     assert main(["serve", str(tmp_path), "--model", str(tmp_path / "other")]) == 2
     assert "given twice" in capsys.readouterr().err
@@ -363,7 +365,7 @@ def test_serve_cli_reads_like_vllms(monkeypatch, capsys, tmp_path):
         main(["serve", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     for default in ("(default: 256M)", "(default: 8000)", "(default: 127.0.0.1)", "(default: 64)",
-                    "(default: 256)", "(default: info)", "(default: bfloat16)"):
+                    "(default: 256)", "(default: info)", "(default: bfloat16)", "(default: auto)"):
         assert default in text, default
     with pytest.raises(SystemExit):
         main(["generate", "--help"])

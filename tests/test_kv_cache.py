@@ -410,7 +410,6 @@ def test_bytes_per_token_and_pool_bytes(dtype):
     cfg = model_config()
     nbytes = torch.empty((), dtype=dtype).element_size()
     cache = KVCache(cfg, CacheConfig(block_size=16, num_blocks=5), dtype, "cpu")
-    assert cache.dtype_bytes == nbytes
     assert cache.bytes_per_token == 2 * LAYERS * KV_HEADS * HEAD_DIM * nbytes
     assert cache.bytes_per_block == cache.bytes_per_token * 16
     assert cache.pool_bytes() == 5 * 16 * cache.bytes_per_token
@@ -444,3 +443,25 @@ def test_sizing_from_kv_cache_memory(dtype):
 def test_cache_config_rejects_bad_values(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs)).split("_")[0]):
         CacheConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8_e4m3"])
+@pytest.mark.parametrize("group", [None, 4])
+def test_quantized_pool_bytes_and_round_trip(kv_cache_dtype, group):
+    """8-bit codes plus a float16 scale per token, KV head and group: the formula, the storage and the values."""
+    cfg = model_config()
+    cache = KVCache(cfg, CacheConfig(block_size=16, num_blocks=5, kv_cache_dtype=kv_cache_dtype,
+                                     kv_cache_group_size=group), torch.bfloat16, "cpu")
+    scales = HEAD_DIM // (group or HEAD_DIM)
+    assert cache.bytes_per_token == 2 * LAYERS * KV_HEADS * (HEAD_DIM + 2 * scales)
+    assert cache.pool_bytes() == 5 * 16 * cache.bytes_per_token
+    pool = cache.k[0]
+    x = torch.randn(7, KV_HEADS, HEAD_DIM) * torch.logspace(-3, 2, 7).view(7, 1, 1)  # scales far apart per token
+    slots = torch.tensor([0, 5, 16, 17, 40, 41, 79])
+    pool.write(slots, x.to(torch.bfloat16))
+    back = pool.gather(slots.view(1, -1))[0].float()
+    err = (back - x).abs().amax(dim=-1) / x.abs().amax(dim=-1)  # per token and head, relative to its max
+    assert back.dtype == torch.float32 and back.shape == x.shape
+    assert err.max() < (0.01 if kv_cache_dtype == "int8" else 0.07)
+    cache.copy_block(1, 3)
+    assert torch.equal(pool.gather(torch.tensor([[48, 49]])), pool.gather(torch.tensor([[16, 17]])))

@@ -6,6 +6,8 @@ import argparse
 import re
 from pathlib import Path
 
+from engine.kv_quant import KV_CACHE_DTYPES
+
 DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 
@@ -35,6 +37,8 @@ def add_subcommands(subparsers) -> None:
     m.add_argument("--kv-heads", type=int, help="synthetic shape: KV heads (default: --heads, i.e. MHA)")
     m.add_argument("--head-dim", type=int, help="synthetic shape: head dimension")
     m.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES, help="cache dtype (default float32)")
+    m.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="auto (--dtype), or int8 / fp8_e4m3: 8 bits and a float16 scale per token and KV head")
     m.add_argument("--budget", type=parse_size, default=parse_size("256M"),
                    help="KV-cache memory budget: bytes, or with a suffix like 512M, 2G (default 256M)")
     m.add_argument("--context", type=int, default=4096, help="tokens per sequence (default 4096)")
@@ -75,12 +79,13 @@ def run_kv_memory(args: argparse.Namespace) -> int:
         raise ValueError("--context and --block-size must be positive")
     counts = [config.num_key_value_heads] if args.only else divisors(config.num_attention_heads)
     dtype = parse_dtype(args.dtype)
-    print(f"{source}; {args.dtype} cache, block size {args.block_size}, context {args.context}, "
+    kind = args.dtype if args.kv_cache_dtype == "auto" else f"{args.kv_cache_dtype} (scales float16)"
+    print(f"{source}; {kind} cache, block size {args.block_size}, context {args.context}, "
           f"budget {args.budget:,} bytes ({args.budget / 2**20:.1f} MiB)")
     rows, notes = [], set()
     for kv in counts:
         r = size(variant_config(config, kv), dtype, [args.context], args.budget, block_size=args.block_size,
-                 measure_rss=args.rss)
+                 measure_rss=args.rss, kv_cache_dtype=args.kv_cache_dtype)
         mark = "*" if kv == config.num_key_value_heads else ""
         c = args.context
         pool = _mib(r.pool_bytes_measured) + (" (meta)" if r.pool_device == "meta" else "")

@@ -1,6 +1,7 @@
 """KV-cache memory: the formula, and the same quantities measured on real allocations and the real scheduler.
 
-Theory: one token costs `2 (K and V) x layers x kv_heads x head_dim x dtype bytes`; a sequence holds whole
+Theory: one token costs `2 (K and V) x layers x kv_heads x head_dim x bytes per value` (the dtype's bytes; with
+an 8-bit `kv_cache_dtype`, 1 plus a 2-byte scale per head: `engine.kv_cache.kv_bytes_per_token`); a sequence holds whole
 blocks, so `ceil(context / block_size)` of them; a budget of B bytes is `B // bytes_per_block` blocks.
 
 Measurement never trusts that formula:
@@ -24,7 +25,7 @@ import torch
 from engine.config import ModelConfig
 from engine.engine import LLMEngine
 from engine.errors import CacheFullError
-from engine.kv_cache import BlockManager, BlockTable, CacheConfig, KVCache
+from engine.kv_cache import BlockManager, BlockTable, CacheConfig, KVCache, kv_bytes_per_token
 from engine.kv_memory.variants import variant_name
 from engine.runner import ModelRunner
 from engine.sampling import SamplingParams
@@ -65,26 +66,36 @@ def blocks_for(context: int, block_size: int) -> int:
     return -(-context // block_size)
 
 
-def formula_held_bytes(config: ModelConfig, dtype: torch.dtype, block_size: int, context: int) -> int:
+def token_bytes(config: ModelConfig, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> int:
+    """The formula's bytes per token."""
+    return kv_bytes_per_token(config, CacheConfig(kv_cache_dtype=kv_cache_dtype), dtype)
+
+
+def formula_held_bytes(config: ModelConfig, dtype: torch.dtype, block_size: int, context: int,
+                       kv_cache_dtype: str = "auto") -> int:
     """Bytes one sequence of `context` tokens holds: whole blocks, the last one possibly part empty."""
-    return blocks_for(context, block_size) * block_size * config.kv_bytes_per_token(dtype_bytes(dtype))
+    return blocks_for(context, block_size) * block_size * token_bytes(config, dtype, kv_cache_dtype)
 
 
-def formula_pool_bytes(config: ModelConfig, dtype: torch.dtype, block_size: int, num_blocks: int) -> int:
-    return num_blocks * block_size * config.kv_bytes_per_token(dtype_bytes(dtype))
+def formula_pool_bytes(config: ModelConfig, dtype: torch.dtype, block_size: int, num_blocks: int,
+                       kv_cache_dtype: str = "auto") -> int:
+    return num_blocks * block_size * token_bytes(config, dtype, kv_cache_dtype)
 
 
-def formula_max_seqs(config: ModelConfig, dtype: torch.dtype, block_size: int, budget: int, context: int) -> int:
+def formula_max_seqs(config: ModelConfig, dtype: torch.dtype, block_size: int, budget: int, context: int,
+                     kv_cache_dtype: str = "auto") -> int:
     """Sequences of `context` tokens that fit in a pool of `budget` bytes (budget // block bytes blocks)."""
-    num_blocks = budget // (block_size * config.kv_bytes_per_token(dtype_bytes(dtype)))
+    num_blocks = budget // (block_size * token_bytes(config, dtype, kv_cache_dtype))
     return num_blocks // blocks_for(context, block_size)
 
 
 # ---- measured on real allocations --------------------------------------------------------------------
 
 
-def allocate(config: ModelConfig, dtype: torch.dtype, block_size: int, num_blocks: int, device: str = "cpu") -> KVCache:
-    return KVCache(config, CacheConfig(block_size=block_size, num_blocks=num_blocks), dtype, device)
+def allocate(config: ModelConfig, dtype: torch.dtype, block_size: int, num_blocks: int, device: str = "cpu",
+             kv_cache_dtype: str = "auto") -> KVCache:
+    return KVCache(config, CacheConfig(block_size=block_size, num_blocks=num_blocks, kv_cache_dtype=kv_cache_dtype),
+                   dtype, device)
 
 
 def available_memory() -> int | None:
@@ -132,15 +143,16 @@ _RSS_SCRIPT = """
 import json, sys, torch
 from engine.config import ModelConfig
 from engine.kv_memory.sizing import allocate, read_rss
-config, dtype, block_size, num_blocks = json.loads(sys.argv[1])
+config, dtype, block_size, num_blocks, kv_cache_dtype = json.loads(sys.argv[1])
 config = ModelConfig.from_dict(config)
 before = read_rss()
-cache = allocate(config, getattr(torch, dtype), block_size, num_blocks)
+cache = allocate(config, getattr(torch, dtype), block_size, num_blocks, kv_cache_dtype=kv_cache_dtype)
 print(read_rss() - before)
 """
 
 
-def rss_growth(config: ModelConfig, dtype: torch.dtype, block_size: int, num_blocks: int) -> int | None:
+def rss_growth(config: ModelConfig, dtype: torch.dtype, block_size: int, num_blocks: int,
+               kv_cache_dtype: str = "auto") -> int | None:
     """VmRSS growth from allocating the pool, in a fresh process; None without /proc.
 
     A fresh process because malloc reuses memory an earlier, freed pool left mapped: measured in the same
@@ -148,7 +160,7 @@ def rss_growth(config: ModelConfig, dtype: torch.dtype, block_size: int, num_blo
     """
     if not Path("/proc/self/status").is_file():
         return None
-    arg = json.dumps([config.to_dict(), str(dtype).removeprefix("torch."), block_size, num_blocks])
+    arg = json.dumps([config.to_dict(), str(dtype).removeprefix("torch."), block_size, num_blocks, kv_cache_dtype])
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, arg], capture_output=True, text=True, env=env, check=True)
@@ -166,7 +178,8 @@ class _NoText:
 
 
 def admission_engine(
-    config: ModelConfig, dtype: torch.dtype, block_size: int, budget: int, max_model_len: int
+    config: ModelConfig, dtype: torch.dtype, block_size: int, budget: int, max_model_len: int,
+    kv_cache_dtype: str = "auto",
 ) -> LLMEngine:
     """A real LLMEngine (scheduler, block manager, a pool sized from `budget` bytes) with no weights.
 
@@ -176,7 +189,8 @@ def admission_engine(
     no memory, so a 16 GiB budget can be counted on a laptop. Scheduler limits are set out of the way so
     only the KV memory can refuse a request.
     """
-    cache = KVCache(config, CacheConfig(block_size=block_size, kv_cache_memory=budget), dtype, "meta")
+    cache = KVCache(config, CacheConfig(block_size=block_size, kv_cache_memory=budget, kv_cache_dtype=kv_cache_dtype),
+                    dtype, "meta")
     blocks = BlockManager(cache)
     runner = ModelRunner(None, cache, blocks, torch.device("meta"))  # type: ignore[arg-type]
     scheduler = SchedulerConfig(UNLIMITED, UNLIMITED)
@@ -232,6 +246,7 @@ class SizingRow:
     budget: int = 0
     max_seqs_formula: dict[int, int] = field(default_factory=dict)  # context -> sequences at `budget`
     max_seqs_admitted: dict[int, int] = field(default_factory=dict)
+    kv_cache_dtype: str = "auto"  # "auto": the dtype above; else the 8-bit cache (engine/kv_quant.py)
 
     @property
     def exact(self) -> bool:
@@ -252,36 +267,39 @@ def size(
     block_size: int = 16,
     name: str | None = None,
     measure_rss: bool = True,
+    kv_cache_dtype: str = "auto",
 ) -> SizingRow:
     """Measure one shape: a pool just big enough for the longest context, then an engine at `budget`."""
     budget_contexts = budget_contexts if budget_contexts is not None else contexts
     num_blocks = blocks_for(max(contexts), block_size)
-    pool_bytes = formula_pool_bytes(config, dtype, block_size, num_blocks)
+    kvd = kv_cache_dtype
+    pool_bytes = formula_pool_bytes(config, dtype, block_size, num_blocks, kvd)
     device = "cpu" if fits_in_memory(pool_bytes) else "meta"
-    cache = allocate(config, dtype, block_size, num_blocks, device)
+    cache = allocate(config, dtype, block_size, num_blocks, device, kvd)
     row = SizingRow(
         name=name or variant_name(config),
         kv_heads=config.num_key_value_heads,
         dtype=str(dtype).removeprefix("torch."),
         block_size=block_size,
-        bytes_per_token=config.kv_bytes_per_token(dtype_bytes(dtype)),
+        bytes_per_token=token_bytes(config, dtype, kvd),
         pool_blocks=num_blocks,
         pool_bytes_formula=pool_bytes,
         pool_bytes_measured=cache.pool_bytes(),
         pool_device=device,
         rss_growth=None,
-        held_formula={c: formula_held_bytes(config, dtype, block_size, c) for c in contexts},
+        held_formula={c: formula_held_bytes(config, dtype, block_size, c, kvd) for c in contexts},
         held_measured=measured_held_bytes(cache, contexts),
         budget=budget,
+        kv_cache_dtype=kvd,
     )
     del cache
     if measure_rss and device == "cpu":
-        row.rss_growth = rss_growth(config, dtype, block_size, num_blocks)
+        row.rss_growth = rss_growth(config, dtype, block_size, num_blocks, kvd)
     if budget_contexts:
         # A prompt may fill the whole context here (the real engine keeps one slot for a generated token).
         max_len = max(config.max_position_embeddings, max(budget_contexts) + 1)
-        engine = admission_engine(config, dtype, block_size, budget, max_len)
+        engine = admission_engine(config, dtype, block_size, budget, max_len, kvd)
         for c in budget_contexts:
-            row.max_seqs_formula[c] = formula_max_seqs(config, dtype, block_size, budget, c)
+            row.max_seqs_formula[c] = formula_max_seqs(config, dtype, block_size, budget, c, kvd)
             row.max_seqs_admitted[c] = count_admitted(engine, c)
     return row
