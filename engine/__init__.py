@@ -2,6 +2,7 @@
 
 from engine.capture import AttentionCapture, Span, char_spans
 from engine.errors import CacheFullError, CheckpointError, RequestError, RequestTooLargeError
+from engine.kv_policy import KVPolicy
 from engine.llm import LLM
 from engine.outputs import AttentionRows, RequestOutput, SpanMasses, TokenLogprob
 from engine.sampling import SamplingParams
@@ -14,6 +15,7 @@ __all__ = [
     "AttentionRows",
     "CacheFullError",
     "CheckpointError",
+    "KVPolicy",
     "RequestError",
     "RequestOutput",
     "RequestTooLargeError",

@@ -48,6 +48,19 @@ class DecodeBatch:
     key_mask: torch.Tensor | None  # [batch, 1, 1, max_context] True = real key; None when lengths are equal
     context_lens: list[int]
     captures: list[CaptureSink | None] | None = None
+    sink_rotation: SinkRotation | None = None  # rows with StreamingLLM positions (engine/kv_policy.py)
+
+
+@dataclass
+class SinkRotation:
+    """Rows of a decode batch whose first `num_sink_tokens` gathered keys are rotated forward by their row's
+    number of evicted tokens (cos and signed sin of that shift, `[rows, D]`): StreamingLLM's positions within
+    the cache, applied to the gathered copy only; the pool keeps every key at its original position."""
+
+    rows: list[int]
+    num_sink_tokens: list[int]
+    cos: torch.Tensor
+    signed_sin: torch.Tensor
 
 
 @dataclass
@@ -104,6 +117,8 @@ def _decode(q, k_pool, v_pool, batch: DecodeBatch, layer: int, scale: float) -> 
     kvh = k_pool.shape[2]
     keys = _gather(k_pool, batch.key_slots).transpose(1, 2)  # [B, KVH, L, D]
     values = _gather(v_pool, batch.key_slots).transpose(1, 2)
+    if batch.sink_rotation is not None:
+        rotate_sink_keys(keys, batch.sink_rotation)
     qg = q.view(b, kvh, h // kvh, d)  # the G query heads of a group are G query rows of its K/V head
     out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=batch.key_mask, scale=scale)
     if batch.captures is not None:
@@ -118,6 +133,17 @@ def _gather(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     flat = pool.view(-1, pool.shape[2], pool.shape[3])
     # index_select copies whole rows; it is several times faster than advanced indexing here.
     return flat.index_select(0, slots.reshape(-1)).view(*slots.shape, pool.shape[2], pool.shape[3])
+
+
+def rotate_sink_keys(keys: torch.Tensor, rotation: SinkRotation) -> None:
+    """Rotate, in place, the sink keys of `keys` `[B, KVH, L, D]` (a gathered copy) by each row's shift.
+
+    RoPE rotations compose: a key stored at position j, rotated by the shift's angles, is the key RoPE gives
+    at position j + shift (HF's half-split layout, as `engine.model.apply_rope`)."""
+    half = keys.shape[-1] // 2
+    for i, (row, n) in enumerate(zip(rotation.rows, rotation.num_sink_tokens)):
+        sink = keys[row, :, :n]
+        keys[row, :, :n] = sink * rotation.cos[i] + sink.roll(half, dims=-1) * rotation.signed_sin[i]
 
 
 def _capture_decode(qg, keys, values, batch: DecodeBatch, layer: int, scale: float) -> None:

@@ -81,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
     g.add_argument("--seed", type=int, help="sampling seed (default: random)")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--kv-policy", metavar="sink_window:S:W[:streaming]",
+                   help="keep only the first S and the last W tokens' K/V while generating (StreamingLLM)")
     g.set_defaults(func=_generate)
 
     s = sub.add_parser("serve", help="run the HTTP server (OpenAI-compatible API plus /generate)",
@@ -106,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-num-seqs", type=int, default=64, help="most sequences decoded together")
     s.add_argument("--max-num-batched-tokens", type=int, default=512, help="most tokens in one step (prefill "
                                                                          "chunks and decode rows)")
+    s.add_argument("--kv-policy", metavar="sink_window:S:W[:streaming]",
+                   help="default KV eviction for requests that give none: keep the first S and the last W tokens "
+                        "(StreamingLLM), so generation can run past the KV cache in bounded memory (default: none)")
     s.add_argument("--max-waiting-requests", type=int, default=256,
                    help="queued requests beyond which new ones get 429")
     s.add_argument("--allowed-origins", help="origins a browser page may call the API from (CORS): comma-separated, "
@@ -203,6 +208,7 @@ def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         repetition_penalty=args.repetition_penalty, seed=args.seed, max_tokens=args.max_tokens, stop=args.stop,
+        kv_policy=args.kv_policy,
     )
     llm = load_llm(args)
     if args.chat:

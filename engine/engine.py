@@ -13,6 +13,7 @@ from engine.capture import AttentionCapture, CaptureSink, CaptureState, ValueNor
 from engine.config import ModelConfig
 from engine.errors import RequestError
 from engine.head_stats import HeadStats, separator_token_mask
+from engine.kv_policy import KVPolicy
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.runner import ModelRunner, ScheduledSeq
 from engine.sampling import Sampler, SamplerOutput, SamplingParams, make_generator, score_tokens
@@ -48,8 +49,10 @@ class LLMEngine:
         model_config: ModelConfig,
         scheduler_config: SchedulerConfig,
         max_model_len: int,
+        kv_policy: KVPolicy | str | None = None,
     ):
         self.runner = runner
+        self.kv_policy = KVPolicy.coerce(kv_policy)  # for requests that give none (engine/kv_policy.py)
         self.blocks = runner.blocks
         self.tokenizer = tokenizer
         self.model_config = model_config
@@ -80,13 +83,17 @@ class LLMEngine:
         accepted here cannot fail a step because of its input."""
         params = params or SamplingParams()
         ids = prompt_token_ids(prompt, self.tokenizer, self.limits.vocab_size)
-        check_request(ids, params, self.limits)
+        kv_policy = self.kv_policy_for(params)
+        check_request(ids, params, self.limits, kv_policy=kv_policy)
+        if kv_policy is not None and capture is not None:
+            # Captured rows are indexed by position; an evicting sequence's keys are not all positions.
+            raise RequestError("kv_policy", f"attention capture cannot be combined with kv_policy {kv_policy}")
         grammar = self.grammars.matcher(params.structured_output) if params.structured_output is not None else None
         state = self.capture_state(capture, len(ids)) if capture is not None else None
         request_id = request_id if request_id is not None else f"req-{next(self._request_ids)}"
         if request_id in self.requests:
             raise RequestError("request_id", f"request_id {request_id!r} is already in use")
-        seq = Sequence(self.seq_ids.next(), ids, len(ids), params, state)
+        seq = Sequence(self.seq_ids.next(), ids, len(ids), params, state, kv_policy=kv_policy)
         seq.generator = make_generator(params.seed, self.runner.device)
         if params.prompt_logprobs is not None:
             seq.prompt_logprobs = [None] * len(ids)
@@ -94,13 +101,17 @@ class LLMEngine:
             request_id,
             seq,
             IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens),
-            StopChecker(params, self.eos_token_ids, self.max_seq_len, prompt_len=len(ids)),
+            StopChecker(params, self.eos_token_ids, self.limits.max_seq_len_with(kv_policy), prompt_len=len(ids)),
             [] if params.logprobs is not None else None,
             list(ids),  # the sequence appends to `ids`; the prompt stays as it was
             grammar,
         )
         self.scheduler.add(seq)
         return request_id
+
+    def kv_policy_for(self, params: SamplingParams) -> KVPolicy | None:
+        """The request's own kv_policy, else the engine's default."""
+        return params.kv_policy if params.kv_policy is not None else self.kv_policy
 
     def capture_state(self, capture: AttentionCapture, num_prompt_tokens: int) -> CaptureState:
         """Check a capture request against the model and the prompt; its state for one sequence."""

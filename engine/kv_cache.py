@@ -9,6 +9,7 @@ import torch
 
 from engine.config import ModelConfig
 from engine.errors import CacheFullError
+from engine.kv_policy import KVPolicy
 from engine.kv_quant import QuantizedPool, bytes_per_value, check_kv_cache_dtype
 
 
@@ -183,13 +184,27 @@ def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
     return hash((parent, tokens))
 
 
+EVICTED = -1  # a block table entry whose block a kv_policy gave back (engine/kv_policy.py)
+
+
 @dataclass
 class BlockTable:
-    """The blocks one sequence holds, in order, and how many of its tokens have K/V written."""
+    """The blocks one sequence holds, in order, and how many of its tokens have K/V written.
+
+    With a kv_policy, evicted entries are `EVICTED`: the table keeps its logical length (entry i still covers
+    positions i * block_size ...), so positions and `blocks_needed` arithmetic stay as they are."""
 
     blocks: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0  # tokens whose K/V are in the blocks
     block_hashes: list[int] = field(default_factory=list)  # chain hashes of the leading full blocks
+
+    @property
+    def live_blocks(self) -> list[int]:
+        return [b for b in self.blocks if b != EVICTED]
+
+    @property
+    def has_evicted(self) -> bool:
+        return EVICTED in self.blocks
 
 
 class BlockManager:
@@ -259,7 +274,7 @@ class BlockManager:
         if table.num_cached_tokens % self.block_size == 0 or num_tokens <= table.num_cached_tokens:
             return 0
         last = table.blocks[(table.num_cached_tokens - 1) // self.block_size]
-        return int(self.allocator.ref_counts[last] > 1)
+        return int(last != EVICTED and self.allocator.ref_counts[last] > 1)
 
     def _copy_on_write(self, table: BlockTable) -> None:
         idx = (table.num_cached_tokens - 1) // self.block_size
@@ -277,7 +292,8 @@ class BlockManager:
     def commit(self, table: BlockTable, token_ids: list[int], num_tokens: int) -> None:
         """Mark `num_tokens` as written and register newly completed full blocks for prefix reuse."""
         table.num_cached_tokens = num_tokens
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or table.has_evicted:
+            # After an eviction, new K/V are computed without the evicted keys: they must never be shared.
             return
         bs = self.block_size
         for i in range(len(table.block_hashes), num_tokens // bs):
@@ -289,17 +305,18 @@ class BlockManager:
 
     def fork(self, table: BlockTable) -> BlockTable:
         """A new table sharing every block (copy-on-write happens on the first write to a shared block)."""
-        for block in table.blocks:
+        for block in table.live_blocks:
             self.allocator.share(block)
         return BlockTable(list(table.blocks), table.num_cached_tokens, list(table.block_hashes))
 
     def truncate(self, table: BlockTable, num_tokens: int) -> None:
         """Drop cached tokens past `num_tokens`, freeing blocks that are no longer needed."""
         keep = self.blocks_needed(num_tokens)
-        if num_tokens % self.block_size and keep <= len(table.blocks):
+        if num_tokens % self.block_size and keep <= len(table.blocks) and table.blocks[keep - 1] != EVICTED:
             self._unhash_if_private(table.blocks[keep - 1])
         for block in table.blocks[keep:]:
-            self.allocator.free(block)
+            if block != EVICTED:
+                self.allocator.free(block)
         del table.blocks[keep:]
         del table.block_hashes[num_tokens // self.block_size :]
         table.num_cached_tokens = min(table.num_cached_tokens, num_tokens)
@@ -320,4 +337,48 @@ class BlockManager:
 
     def held_bytes(self, table: BlockTable) -> int:
         """Cache bytes this sequence holds (whole blocks, including a partly filled last one)."""
-        return len(table.blocks) * self.kv_cache.bytes_per_block
+        return len(table.live_blocks) * self.kv_cache.bytes_per_block
+
+    # ---- sink + window eviction (engine/kv_policy.py) ---------------------------------------------------
+    def evict(self, table: BlockTable, policy: KVPolicy, num_tokens: int) -> int:
+        """Give back the blocks that the window of the sequence's newest token (`num_tokens`: its length with
+        that token) no longer reads; returns how many. A freed block the prefix cache knows stays findable
+        until reused: its contents are unchanged and were computed before any eviction (see `commit`)."""
+        freed, end = 0, min(policy.first_window_block(num_tokens, self.block_size), len(table.blocks))
+        for i in range(policy.sink_blocks(self.block_size), end):
+            if table.blocks[i] != EVICTED:
+                self.allocator.free(table.blocks[i])
+                table.blocks[i] = EVICTED
+                freed += 1
+        return freed
+
+    def blocks_to_recompute(self, policy: KVPolicy, num_tokens: int) -> int:
+        """Blocks `reserve_window` takes for a sequence of `num_tokens` tokens."""
+        total = self.blocks_needed(num_tokens)
+        return total - max(0, min(policy.first_window_block(num_tokens, self.block_size), total)
+                           - policy.sink_blocks(self.block_size))
+
+    def reserve_window(self, table: BlockTable, policy: KVPolicy, num_tokens: int) -> None:
+        """Lay out an empty table to recompute a preempted windowed sequence: blocks for what its newest token
+        reads (sink and window), `EVICTED` between, so the tokens its window dropped are never recomputed."""
+        need = self.blocks_to_recompute(policy, num_tokens)
+        if need > self.allocator.num_free:
+            raise CacheFullError(f"KV cache is full: need {need} blocks, {self.allocator.num_free} free")
+        sink, first = policy.sink_blocks(self.block_size), policy.first_window_block(num_tokens, self.block_size)
+        table.blocks = [EVICTED if sink <= i < first else self.allocator.allocate()
+                        for i in range(self.blocks_needed(num_tokens))]
+
+    def skip_evicted(self, table: BlockTable) -> None:
+        """Move `num_cached_tokens` past evicted blocks (a recompute laid out by `reserve_window`)."""
+        bs, blocks = self.block_size, table.blocks
+        while table.num_cached_tokens % bs == 0 and table.num_cached_tokens // bs < len(blocks) \
+                and blocks[table.num_cached_tokens // bs] == EVICTED:
+            table.num_cached_tokens += bs
+
+    def held_run(self, table: BlockTable, start: int) -> int | None:
+        """Positions from `start` before the next evicted block (None: none follows), so that one chunk of
+        new tokens never reaches into the tokens a window dropped."""
+        i = start // self.block_size
+        while i < len(table.blocks) and table.blocks[i] != EVICTED:
+            i += 1
+        return i * self.block_size - start if i < len(table.blocks) else None

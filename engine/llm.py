@@ -13,6 +13,7 @@ from engine.capture import AttentionCapture
 from engine.checkpoint import load_weights
 from engine.config import ModelConfig
 from engine.kv_cache import BlockManager, CacheConfig, KVCache
+from engine.kv_policy import KVPolicy
 from engine.model import build_model
 from engine.engine import LLMEngine
 from engine.errors import RequestError
@@ -62,6 +63,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the checkpoint's max_position_embeddings
     pack_weights: bool = True  # CPU float32/bfloat16: oneDNN-packed linear layers (engine/packed_linear.py)
     quantization: str | None = None  # "int8" | "int4" | "auto" weight-only linear layers (engine/quant.py)
+    kv_policy: KVPolicy | None = None  # default sink + window eviction for requests (engine/kv_policy.py)
 
 
 class LLM:
@@ -85,6 +87,7 @@ class LLM:
         pack_weights: bool = True,
         quantization: str | None = None,
         threads: int | None = None,
+        kv_policy: KVPolicy | str | None = None,
     ):
         set_threads(threads)
         self.model_dir = Path(model)
@@ -100,6 +103,7 @@ class LLM:
             max_model_len=max_model_len,
             pack_weights=pack_weights,
             quantization=parse_quantization(quantization, device),
+            kv_policy=KVPolicy.coerce(kv_policy),
         )
         ec = self.engine_config
         if max_model_len is not None and not 1 <= max_model_len <= self.config.max_position_embeddings:
@@ -117,6 +121,7 @@ class LLM:
             self.config,
             SchedulerConfig(max_num_seqs, max_num_batched_tokens),
             self.max_model_len,
+            ec.kv_policy,
         )
 
     @property
@@ -207,7 +212,8 @@ class LLM:
         capture: AttentionCapture | None = None,
         params: SamplingParams | None = None,
     ) -> Session:
-        """Start step-by-step decoding of `prompt` (see `Session`)."""
+        """Start step-by-step decoding of `prompt` (see `Session`). Only `params.kv_policy` applies to a session,
+        not the engine's default."""
         ids = self._prompt_ids(prompt)
         state = self.engine.capture_state(capture, len(ids)) if capture is not None else None
         return Session(self.runner, self.tokenizer, self.engine.seq_ids, ids, self.max_model_len, state, params)

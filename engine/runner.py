@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.attention import AttentionMetadata, DecodeBatch, PrefillSegment, group_by_length
+from engine.attention import AttentionMetadata, DecodeBatch, PrefillSegment, SinkRotation, group_by_length
 from engine.capture import CaptureSink
-from engine.kv_cache import BlockManager, KVCache
+from engine.kv_cache import EVICTED, BlockManager, KVCache
 from engine.model import LlamaModel
 from engine.sequence import Sequence
 
@@ -61,7 +61,7 @@ class ModelRunner:
 
         The caller (scheduler or session) has reserved the blocks: one reservation per sequence per step."""
         # Decode rows sorted by context length, so that rows of similar length share one padded batch.
-        decode = sorted((w for w in work if w.is_decode), key=lambda w: w.seq.num_tokens)
+        decode = sorted((w for w in work if w.is_decode), key=lambda w: self._num_keys(w.seq))
         prefill = [w for w in work if not w.is_decode]
         ordered = decode + prefill  # decode rows lead the flat batch
         ids, positions, slots = [], [], []
@@ -109,38 +109,70 @@ class ModelRunner:
     def _decode_batches(self, decode: list[ScheduledSeq], captures: dict[int, CaptureSink]) -> list[DecodeBatch]:
         """Split the (length-sorted) decode rows into batches that waste little attention on padding."""
         batches, start = [], 0
-        for size in group_by_length([w.seq.num_tokens for w in decode], DECODE_MAX_PADDING, DECODE_MAX_KEYS):
+        for size in group_by_length([self._num_keys(w.seq) for w in decode], DECODE_MAX_PADDING, DECODE_MAX_KEYS):
             batches.append(self._decode_batch(decode[start : start + size], captures))
             start += size
         return batches
 
     def _decode_batch(self, decode: list[ScheduledSeq], captures: dict[int, CaptureSink]) -> DecodeBatch:
-        lens = [w.seq.num_tokens for w in decode]
-        key_slots = self._key_slots([w.seq for w in decode], max(lens))
+        contexts = [self._context(w.seq, w.seq.num_tokens) for w in decode]
+        lens = [num_keys for _, num_keys in contexts]
+        key_slots = self._key_slots([blocks for blocks, _ in contexts], max(lens))
         mask = None
         if min(lens) != max(lens):
             valid = torch.arange(max(lens)).unsqueeze(0) < torch.tensor(lens).unsqueeze(1)
             mask = valid.view(len(lens), 1, 1, -1).to(self.device)
         sinks = [captures.get(w.seq.seq_id) for w in decode]
-        return DecodeBatch(key_slots, mask, lens, sinks if any(s is not None for s in sinks) else None)
+        return DecodeBatch(key_slots, mask, lens, sinks if any(s is not None for s in sinks) else None,
+                           self._sink_rotation([w.seq for w in decode], lens))
+
+    def _sink_rotation(self, seqs: list[Sequence], lens: list[int]) -> SinkRotation | None:
+        """StreamingLLM positions (engine/kv_policy.py): rows with evicted tokens see their sink keys moved
+        forward by the number evicted, so that the sink sits just before the window as in the cache."""
+        bs = self.blocks.block_size
+        rows, num_sink, shifts = [], [], []
+        for i, (seq, num_keys) in enumerate(zip(seqs, lens)):
+            policy = seq.kv_policy
+            if policy is not None and policy.streaming and policy.sink and num_keys < seq.num_tokens:
+                rows.append(i)
+                num_sink.append(policy.sink_blocks(bs) * bs)
+                shifts.append(seq.num_tokens - num_keys)
+        if not rows:
+            return None
+        cos, signed_sin = self.model.rope.lookup(self._tensor(shifts), max(shifts))
+        return SinkRotation(rows, num_sink, cos.squeeze(1), signed_sin.squeeze(1))
 
     def _prefill_segments(
         self, prefill: list[ScheduledSeq], start: int, captures: dict[int, CaptureSink]
     ) -> list[PrefillSegment]:
         segments = []
         for w in prefill:
-            end = w.seq.num_computed + w.num_tokens
-            key_slots = self._key_slots([w.seq], end)[0]
+            blocks, num_keys = self._context(w.seq, w.seq.num_computed + w.num_tokens)
+            key_slots = self._key_slots([blocks], num_keys)[0]
             segments.append(PrefillSegment(start, w.num_tokens, key_slots, captures.get(w.seq.seq_id)))
             start += w.num_tokens
         return segments
 
-    def _key_slots(self, seqs: list[Sequence], length: int) -> torch.Tensor:
-        """`[len(seqs), length]` cache slots of positions 0..length-1 through each block table."""
+    def _context(self, seq: Sequence, length: int) -> tuple[list[int], int]:
+        """The blocks attention reads for `seq`'s first `length` positions, and how many keys they hold: all
+        of them, or with a kv_policy the kept ones (evicted blocks are whole blocks before the last one, so
+        the kept keys are the kept blocks' slots in order)."""
+        blocks = seq.block_table.blocks[: -(-length // self.blocks.block_size)]
+        if seq.kv_policy is None:
+            return blocks, length
+        kept = [b for b in blocks if b != EVICTED]
+        return kept, length - (len(blocks) - len(kept)) * self.blocks.block_size
+
+    def _num_keys(self, seq: Sequence) -> int:
+        """Keys the newest token of `seq` attends to."""
+        return seq.num_tokens if seq.kv_policy is None else self._context(seq, seq.num_tokens)[1]
+
+    def _key_slots(self, block_lists: list[list[int]], length: int) -> torch.Tensor:
+        """`[len(block_lists), length]` cache slots of the first `length` keys through each list of blocks."""
         bs = self.blocks.block_size
         n = -(-length // bs)
-        table = torch.tensor([s.block_table.blocks[:n] + [0] * (n - len(s.block_table.blocks[:n])) for s in seqs])
-        slots = (table.unsqueeze(-1) * bs + torch.arange(bs)).view(len(seqs), -1)[:, :length]
+        table = torch.tensor([b[:n] + [0] * (n - len(b[:n])) for b in block_lists])
+        slots = (table.unsqueeze(-1) * bs + torch.arange(bs)).view(len(block_lists), -1)[:, :length]
         return slots.to(self.device)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.errors import RequestError
+from engine.kv_policy import KVPolicy
 from engine.outputs import TokenLogprob
 from engine.structured import StructuredOutput, TokenMasks
 from engine.validation import INT32_END, SEED_END, SEED_MIN, check_bool, check_float, check_int, check_text
@@ -76,6 +77,8 @@ class SamplingParams:
     (OpenAI's; +100 all but forces a token, -100 bans it).
     structured_output: the output must be JSON (any object, or one matching a JSON schema): see
     engine/structured.py. The grammar decides when the output ends, so min_tokens does not apply.
+    kv_policy: sink + window eviction, `"sink_window:4:1020"` (`:streaming` for StreamingLLM's positions) or a
+    `KVPolicy` (engine/kv_policy.py); None = the engine's default (`LLM(kv_policy=...)`, else keep every token).
     """
 
     temperature: float = 1.0
@@ -96,6 +99,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
     structured_output: StructuredOutput | None = None
+    kv_policy: KVPolicy | str | None = None
     # logit_bias as (ids, values) tensors, built once: the sampler adds them at every step.
     _bias: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -132,6 +136,7 @@ class SamplingParams:
         if self.structured_output is not None and not isinstance(self.structured_output, StructuredOutput):
             raise RequestError("structured_output", f"structured_output must be a StructuredOutput or None, "
                                                     f"got {type(self.structured_output).__name__}")
+        self.kv_policy = KVPolicy.coerce(self.kv_policy)
         if self.logit_bias:
             self._bias = (torch.tensor(list(self.logit_bias), dtype=torch.long),
                           torch.tensor(list(self.logit_bias.values()), dtype=torch.float32))

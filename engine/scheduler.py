@@ -29,7 +29,8 @@ class Scheduler:
     prompt is still being prefilled. Waiting requests are then admitted in arrival order while the token
     budget, `max_num_seqs` and free blocks for their whole prompt allow. When a running sequence needs a
     block and none is free, the newest running sequence is preempted: its blocks are freed and it goes back
-    to the front of the queue, to be recomputed from its tokens (prompt and output so far).
+    to the front of the queue, to be recomputed from its tokens (prompt and output so far; a sequence with a
+    kv_policy recomputes only its sink and window, see `_num_new_tokens`).
     """
 
     def __init__(self, config: SchedulerConfig, blocks: BlockManager):
@@ -53,22 +54,29 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = self._num_new_tokens(seq, budget)
             if not self._make_room(seq, n):
                 continue  # `seq` itself was preempted
             work.append(ScheduledSeq(seq, n))
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            lookup = not seq.block_table.blocks and not seq.computes_whole_prompt
+            # A preempted windowed sequence recomputes only what its next token reads (its sink and window).
+            recompute_window = seq.kv_policy is not None and bool(seq.output_ids) and not seq.block_table.blocks
+            lookup = not seq.block_table.blocks and not seq.computes_whole_prompt and not recompute_window
             reused = self.blocks.match_prefix(seq.block_table, seq.token_ids) if lookup else 0
-            need = self.blocks.blocks_needed(seq.num_tokens) - len(seq.block_table.blocks)
+            if recompute_window:
+                need = self.blocks.blocks_to_recompute(seq.kv_policy, seq.num_tokens)
+            else:
+                need = self.blocks.blocks_needed(seq.num_tokens) - len(seq.block_table.blocks)
             if not self.blocks.can_allocate(need):
                 # Never wait while holding prefix-cache blocks: waiting sequences that each hold some
                 # blocks could otherwise starve one another forever.
                 self.blocks.release(seq.block_table)
                 break  # admitted only when its whole prompt fits: FCFS, so nobody jumps the queue
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            if recompute_window:
+                self.blocks.reserve_window(seq.block_table, seq.kv_policy, seq.num_tokens)
+            n = self._num_new_tokens(seq, budget)
             self.blocks.reserve(seq.block_table, seq.num_computed + n)
             self.waiting.popleft()
             if not seq.admitted:  # counted once: a request that waits re-matches every step, a preempted one too
@@ -81,6 +89,22 @@ class Scheduler:
             work.append(ScheduledSeq(seq, n))
             budget -= n
         return work
+
+    def _num_new_tokens(self, seq: Sequence, budget: int) -> int:
+        """How many of `seq`'s tokens to compute this step: the rest of it, within the budget.
+
+        A windowed sequence (engine/kv_policy.py) first gives back the blocks its newest token's window no
+        longer reads (when decoding; its prompt is prefilled with full attention), or, when recomputing after
+        preemption, skips the tokens its window had dropped and stops before the next dropped ones."""
+        table, policy = seq.block_table, seq.kv_policy
+        if policy is not None:
+            if seq.num_computed >= seq.num_prompt_tokens:
+                self.blocks.evict(table, policy, seq.num_tokens)
+            self.blocks.skip_evicted(table)
+        n = min(seq.num_tokens - seq.num_computed, budget)
+        if policy is not None and (run := self.blocks.held_run(table, seq.num_computed)) is not None:
+            n = min(n, run)
+        return n
 
     def _make_room(self, seq: Sequence, num_new: int) -> bool:
         """Reserve blocks for `num_new` tokens of `seq`, preempting newer sequences if needed."""

@@ -10,6 +10,7 @@ import torch
 
 from engine.capture import CaptureState
 from engine.kv_cache import BlockTable
+from engine.kv_policy import KVPolicy
 from engine.outputs import TokenLogprob
 from engine.sampling import SamplingParams
 
@@ -36,6 +37,7 @@ class Sequence:
     # With params.prompt_logprobs: entry i scores prompt token i (entry 0, which nothing predicts, stays None);
     # filled by position as prompt chunks run, so a chunk that runs again writes the same entries.
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    kv_policy: KVPolicy | None = None  # sink + window eviction (engine/kv_policy.py); None: keep every token
 
     @property
     def num_tokens(self) -> int:

@@ -43,6 +43,10 @@ class Session:
     The last token is always uncomputed: each `step` runs it (one query row per head against the cached
     keys), samples the next token, and appends it. `feed` forces tokens instead of sampling them. Close
     the session (or use it as a context manager) to return its blocks.
+
+    With `params.kv_policy` (engine/kv_policy.py) it evicts as the engine does, before each run, for the
+    window of the run's first token: step, or feed one token at a time, for exact windows. It cannot rewind
+    once it has evicted.
     """
 
     def __init__(
@@ -60,8 +64,11 @@ class Session:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.params = _unconstrained(params or GREEDY)
+        if self.params.kv_policy is not None and capture is not None:
+            raise RequestError("kv_policy", "attention capture cannot be combined with a kv_policy")
         self._seq_ids = seq_ids
-        self.seq = Sequence(seq_ids.next(), list(token_ids), len(token_ids), self.params, capture)
+        self.seq = Sequence(seq_ids.next(), list(token_ids), len(token_ids), self.params, capture,
+                            kv_policy=self.params.kv_policy)
         self.seq.generator = make_generator(self.params.seed, runner.device)
         self.sampler = Sampler(self.params.seed)
         self._detok = self._new_detokenizer()
@@ -116,7 +123,8 @@ class Session:
         child.__dict__ |= self.__dict__
         capture = self.seq.capture.fork() if self.seq.capture is not None else None
         child.seq = Sequence(
-            self._seq_ids.next(), list(self.seq.token_ids), self.seq.num_prompt_tokens, self.params, capture
+            self._seq_ids.next(), list(self.seq.token_ids), self.seq.num_prompt_tokens, self.params, capture,
+            kv_policy=self.seq.kv_policy,
         )
         child.seq.block_table = self.blocks.fork(self.seq.block_table)
         if self.seq.generator is not None:
@@ -130,6 +138,8 @@ class Session:
         self._check_open(0)
         if not 0 <= n < self.seq.num_tokens:
             raise ValueError(f"can rewind 0..{self.seq.num_tokens - 1} tokens, got {n}")
+        if n and self.seq.block_table.has_evicted:
+            raise ValueError("cannot rewind a session whose kv_policy has evicted tokens")
         del self.seq.token_ids[self.seq.num_tokens - n :]
         self.seq.num_prompt_tokens = min(self.seq.num_prompt_tokens, self.seq.num_tokens)
         # Keep the invariant that the last token is uncomputed, so the next step has a query to run.
@@ -167,6 +177,9 @@ class Session:
         seq = self.seq
         seq.token_ids += extra
         try:
+            if seq.kv_policy is not None and seq.num_computed >= seq.num_prompt_tokens:
+                # The window of the first token computed now; a chunk's later tokens see a little more.
+                self.blocks.evict(seq.block_table, seq.kv_policy, seq.num_computed + 1)
             self.runner.blocks.reserve(seq.block_table, seq.num_tokens)
             out = self.runner.run([ScheduledSeq(seq, seq.num_tokens - seq.num_computed, num_logits)])
         except BaseException:

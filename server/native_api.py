@@ -74,7 +74,7 @@ def _generate_inputs(state: ServerState, body: GenerateRequest) -> tuple[list[in
     check_model(body.model, state.model_name)
     ids, prompt_param = _one_prompt(llm, body)
     requested = body.max_tokens if body.max_tokens is not None else GENERATE_DEFAULT_MAX_TOKENS
-    max_tokens = max_tokens_for(llm, len(ids), requested, prompt_param=prompt_param)
+    max_tokens = max_tokens_for(llm, len(ids), requested, prompt_param=prompt_param, body=body)
     text = body.prompt if isinstance(body.prompt, str) else None
     capture = attention_capture(body.attention, llm, state.settings, ids, max_tokens, text) if body.attention else None
     # The chosen token's logprob is always reported; top alternatives only when asked.

@@ -151,7 +151,7 @@ def _completion_inputs(state: ServerState, body: CompletionRequest) -> Completio
     for i, prompt in enumerate(prompts):
         param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
         ids = prompt_ids(state.llm, prompt, param)
-        max_tokens = max_tokens_for(state.llm, len(ids), requested, prompt_param=param)
+        max_tokens = max_tokens_for(state.llm, len(ids), requested, prompt_param=param, body=body)
         all_ids.append(ids)
         subs += submissions(state.llm, state.settings, body, ids, n=body.n, max_tokens=max_tokens,
                             logprobs=body.logprobs if generate else None, prompt_logprobs=prompt_logprobs,
@@ -259,7 +259,8 @@ def _chat_inputs(state: ServerState, body: ChatCompletionRequest) -> tuple[list[
     ids = chat_prompt_ids(state.llm, body.messages)
     mt_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    max_tokens = max_tokens_for(state.llm, len(ids), requested, prompt_param="messages", max_tokens_param=mt_param)
+    max_tokens = max_tokens_for(state.llm, len(ids), requested, prompt_param="messages", max_tokens_param=mt_param,
+                                body=body)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     renames = {"max_tokens": mt_param, "logprobs": "top_logprobs", "prompt": "messages"}
     subs = submissions(state.llm, state.settings, body, ids, n=body.n, max_tokens=max_tokens, logprobs=logprobs,

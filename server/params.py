@@ -28,6 +28,7 @@ from contextlib import contextmanager
 
 from engine.capture import AttentionCapture, Span, char_span, token_char_offsets
 from engine.errors import RequestError
+from engine.kv_policy import KVPolicy
 from engine.llm import LLM
 from engine.sampling import SamplingParams
 from engine.structured import StructuredOutput
@@ -47,7 +48,7 @@ from server.settings import ServerSettings
 
 SAMPLING_FIELDS = (
     "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
-    "seed", "stop", "stop_token_ids", "ignore_eos", "min_tokens", "skip_special_tokens",
+    "seed", "stop", "stop_token_ids", "ignore_eos", "min_tokens", "skip_special_tokens", "kv_policy",
 )
 
 
@@ -91,16 +92,25 @@ def prompt_ids(llm: LLM, prompt: str | list[int], param: str = "prompt") -> list
 
 
 def max_tokens_for(llm: LLM, num_prompt: int, max_tokens: int | None, *, prompt_param: str,
-                   max_tokens_param: str = "max_tokens") -> int:
-    """The context rules (engine/validation.py `resolve_max_tokens`), errors naming this route's fields."""
+                   max_tokens_param: str = "max_tokens", body: SamplingFields | None = None) -> int:
+    """The context rules (engine/validation.py `resolve_max_tokens`), errors naming this route's fields;
+    `body`: the request, whose kv_policy (or the server's) lets max_tokens exceed the KV pool."""
     return _context_checked(resolve_max_tokens, num_prompt, max_tokens, llm.engine.limits,
-                            prompt_param=prompt_param, max_tokens_param=max_tokens_param)
+                            prompt_param=prompt_param, max_tokens_param=max_tokens_param,
+                            kv_policy=request_kv_policy(llm, body) if body is not None else None)
 
 
-def _context_checked(check, *args, prompt_param: str, max_tokens_param: str):
+def request_kv_policy(llm: LLM, body: SamplingFields) -> KVPolicy | None:
+    """The request's kv_policy (engine/kv_policy.py), else the server's default."""
+    with request_errors():
+        policy = KVPolicy.coerce(body.kv_policy)
+    return policy if policy is not None else llm.engine.kv_policy
+
+
+def _context_checked(check, *args, prompt_param: str, max_tokens_param: str, **options):
     """Run a context check with this route's field names, so its message names them too."""
     with request_errors():
-        return check(*args, prompt_param=prompt_param, max_tokens_param=max_tokens_param)
+        return check(*args, prompt_param=prompt_param, max_tokens_param=max_tokens_param, **options)
 
 
 def sampling_params(body: SamplingFields, settings: ServerSettings, *, max_tokens: int, logprobs: int | None,
@@ -128,8 +138,12 @@ def submissions(llm: LLM, settings: ServerSettings, body: SamplingFields, ids: l
         params = sampling_params(body, settings, max_tokens=max_tokens, logprobs=logprobs, seed=seed, renames=renames,
                                  prompt_logprobs=prompt_logprobs)
         names = renames or {}
+        kv_policy = llm.engine.kv_policy_for(params)
         _context_checked(check_request, ids, params, llm.engine.limits, prompt_param=names.get("prompt", "prompt"),
-                         max_tokens_param=names.get("max_tokens", "max_tokens"))
+                         max_tokens_param=names.get("max_tokens", "max_tokens"), kv_policy=kv_policy)
+        if capture is not None and kv_policy is not None:
+            raise APIError(400, f"attention cannot be captured with kv_policy {kv_policy}: its keys are not all "
+                                "positions", param="kv_policy")
         compile_grammar(llm, params.structured_output, body.response_format)
         subs.append(Submission(ids, params, capture))
     return subs

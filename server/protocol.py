@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Strict, StrictBool, StrictStr, Tag
 
+from engine.kv_policy import KV_POLICY_PATTERN
 from engine.sampling import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS
 from engine.validation import INT32_END, SEED_END, SEED_MIN
 
@@ -225,6 +226,10 @@ class SamplingFields(_Body):
     response_format: ResponseFormat | None = Field(
         default=None, description="json_object: the output is a JSON object; json_schema: JSON that matches "
                                   "json_schema.schema (written as `json.dumps` writes it)")
+    kv_policy: Annotated[StrictStr, Field(pattern=KV_POLICY_PATTERN)] | None = Field(
+        default=None, description="kvmini extension: sink + window eviction, 'sink_window:S:W' keeps the first S "
+                                  "and the last W tokens' K/V (':streaming' for StreamingLLM's positions), so "
+                                  "max_tokens may exceed the KV cache; default: the server's --kv-policy")
 
 
 class CompletionRequest(SamplingFields):
