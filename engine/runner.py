@@ -86,25 +86,24 @@ class ModelRunner:
         )
         for sink in captures.values():
             sink.finish()
-        prompt_logits = [self._prompt_logits(w, hidden, row) for w, row in zip(ordered, _starts(ordered))
-                         if w.seq.prompt_logprobs is not None and w.seq.computes_whole_prompt]
-        rows, sampled, row = [], [], 0
+        rows, sampled, prompt_logits, row = [], [], [], 0
         for w in ordered:
+            if w.seq.prompt_logprobs is not None and w.seq.computes_whole_prompt:  # before commit moves num_computed
+                self._prompt_logits(w, hidden, row, prompt_logits)
             row += w.num_tokens
             self.blocks.commit(w.seq.block_table, w.seq.token_ids, w.seq.num_computed + w.num_tokens)
             if w.seq.num_computed == w.seq.num_tokens:
                 rows += range(row - w.num_logits, row)
                 sampled.append(w.seq)
         logits = self.model.compute_logits(hidden[rows]) if rows else hidden.new_empty(0, 0).float()
-        return ForwardOutput(logits, sampled, captures, [p for p in prompt_logits if p is not None])
+        return ForwardOutput(logits, sampled, captures, prompt_logits)
 
-    def _prompt_logits(self, w: ScheduledSeq, hidden: torch.Tensor, row: int):
-        """Logits of this chunk's positions whose next token is still in the prompt (None if none are)."""
+    def _prompt_logits(self, w: ScheduledSeq, hidden: torch.Tensor, row: int, out: list) -> None:
+        """Append the logits of this chunk's positions (from flat row `row`) whose next token is in the prompt."""
         start = w.seq.num_computed
         n = min(w.num_tokens, w.seq.num_prompt_tokens - 1 - start)
-        if n <= 0:
-            return None
-        return w.seq, start + 1, self.model.compute_logits(hidden[row : row + n])
+        if n > 0:
+            out.append((w.seq, start + 1, self.model.compute_logits(hidden[row : row + n])))
 
     def _decode_batches(self, decode: list[ScheduledSeq], captures: dict[int, CaptureSink]) -> list[DecodeBatch]:
         """Split the (length-sorted) decode rows into batches that waste little attention on padding."""
@@ -187,11 +186,3 @@ class ModelRunner:
         hidden = self.model(ids, torch.arange(n, device=self.device), meta, None, None, n - 1)
         return self.model.compute_logits(hidden)
 
-
-def _starts(work: list[ScheduledSeq]) -> list[int]:
-    """Each work item's first row in the flat batch."""
-    starts, row = [], 0
-    for w in work:
-        starts.append(row)
-        row += w.num_tokens
-    return starts

@@ -56,11 +56,13 @@ class Choice:
             self.finish_reason = out.finish_reason
 
 
-def _usage(num_prompt: int, choices: list[Choice]) -> dict:
-    """OpenAI's usage; `cached_tokens`: prompt tokens the first choice found in the prefix cache."""
+def _usage(num_prompt: int, choices: list[Choice], n: int | None = None) -> dict:
+    """OpenAI's usage over choices of one prompt (or of several, `n` per prompt): each prompt's tokens count
+    once, as vLLM counts them; `cached_tokens`: what each prompt's first choice found in the prefix cache."""
     completion = sum(c.num_tokens for c in choices)
+    cached = sum(c.cached_tokens for c in choices[:: n or len(choices)])
     return {"prompt_tokens": num_prompt, "completion_tokens": completion, "total_tokens": num_prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": choices[0].cached_tokens}}
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 class _Tokens:
@@ -198,12 +200,7 @@ class _CompletionChoices:
         return {"index": i, "text": text, "logprobs": lp, "finish_reason": c.finish_reason}
 
     def usage(self) -> dict:
-        """Prompt tokens of every prompt once (not per choice), as vLLM counts them."""
-        prompt = sum(len(ids) for ids in self.inputs.prompts)
-        firsts = self.choices[:: self.n]
-        completion = sum(c.num_tokens for c in self.choices)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-                "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in firsts)}}
+        return _usage(sum(len(ids) for ids in self.inputs.prompts), self.choices, self.n)
 
 
 def _with_prompt(lp: dict, echo: Echo, tok: _Tokens, ids: list[int]) -> dict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import re
-import shutil
 import subprocess
 import tempfile
 from dataclasses import replace
@@ -20,6 +19,7 @@ from engine.inspect import Probe, dump_session, load_dump, record_prompt, run_pr
 from engine.inspect.cli import index_list, main
 from engine.inspect.report import render_report
 from engine.inspect.stats import label_heads, top_heads
+from tests.browser import chromium
 from tests.checkpoints import make_checkpoint, marked_embeddings
 
 BOS = 256  # the byte tokenizer's <|endoftext|>, the tiny checkpoints' bos_token_id
@@ -106,10 +106,7 @@ def test_report_is_self_contained_and_shows_the_labels(pattern_dump):
 
 
 def test_report_renders_in_headless_chromium(pattern_dump, tmp_path):
-    browser = next((shutil.which(b) for b in ("chromium", "chromium-browser") if shutil.which(b)), None)
-    if browser is None:
-        pytest.skip("the browser check needs Chromium on PATH, not installed here "
-                    "(Debian: apt-get install chromium, as root); the HTML checks of the other tests still ran")
+    browser = chromium()
     page = tmp_path / "report.html"
     page.write_text(render_report(pattern_dump), encoding="utf-8")
     flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

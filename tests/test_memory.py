@@ -46,8 +46,8 @@ def test_onednn_caches_are_capped_at_import():
 
 
 @pytest.mark.skipif(not can_pack(CPU, torch.bfloat16),
-                    reason="the growth measured here is oneDNN's per-shape cache of packed bfloat16 layers, and this "
-                           "PyTorch build cannot pack them (no oneDNN/mkldnn)")
+                    reason="PackedLinear, compared here with F.linear, needs oneDNN's packed weight layout, which this "
+                           "PyTorch build lacks (no mkldnn)")
 @pytest.mark.parametrize("rows", [65, 100, 300])
 def test_padded_rows_give_the_same_result(rows):
     g = torch.Generator().manual_seed(rows)

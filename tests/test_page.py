@@ -15,7 +15,6 @@ import base64
 import hashlib
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -23,13 +22,13 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from browser import chromium
 from checkpoints import make_checkpoint
 from engine import LLM
 from live_server import LiveServer
 from server import ServerSettings, create_app
 
 KEY = "page-key"
-CHROMIUM_MISSING = "the browser test needs Chromium: apt-get install chromium (as root); .ci/run installs it"
 PLAYWRIGHT_MISSING = "the browser test needs playwright (the test extra): make setup installs it"
 PROMPT = "Doc 1: the cat sat. Doc 2: a dog ran. Q: who sat?"  # byte tokenizer: one token per character
 FINISHED = ", ".join(f"body[data-state={s}]" for s in ("done", "error", "ended", "stopped"))
@@ -52,14 +51,12 @@ def tiny_llm(tiny_model) -> LLM:
 
 @pytest.fixture(scope="module")
 def browser():
-    path = next((shutil.which(b) for b in ("chromium", "chromium-browser") if shutil.which(b)), None)
-    if path is None:
-        pytest.skip(CHROMIUM_MISSING)
+    path = chromium()
     sync_api = pytest.importorskip("playwright.sync_api", reason=PLAYWRIGHT_MISSING)
     with sync_api.sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=path, args=["--no-sandbox", "--disable-gpu"])
-        yield chromium
-        chromium.close()
+        launched = p.chromium.launch(executable_path=path, args=["--no-sandbox", "--disable-gpu"])
+        yield launched
+        launched.close()
 
 
 @dataclass

@@ -7,7 +7,6 @@ import argparse
 import base64
 import json
 import re
-import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -28,6 +27,7 @@ from engine.inspect.report import (
     render_report,
     span_masses,
 )
+from tests.browser import chromium
 
 WORDS = "the quick brown fox jumps over lazy dog , . and then it sleeps under a big green tree while".split()
 SPANS = [{"name": "doc1", "start": 1, "end": 20}, {"name": "doc2", "start": 60, "end": 100}]
@@ -263,17 +263,11 @@ def test_cli_span_reaches_the_dump_and_the_report(tmp_path, capsys):
 
 
 # ---- a real browser --------------------------------------------------------------------------------------
-def _chromium() -> str | None:
-    return next((shutil.which(b) for b in ("chromium", "chromium-browser") if shutil.which(b)), None)
-
 
 def test_long_run_renders_readably_in_headless_chromium(dump, tmp_path):
     """170 tokens: the script runs, cells keep a minimum size (the box scrolls), key labels are thinned so
     that neighbours never overlap, the scale and the span view are drawn."""
-    browser = _chromium()
-    if browser is None:
-        pytest.skip("the browser check needs Chromium on PATH, not installed here "
-                    "(Debian: apt-get install chromium, as root); the HTML checks of the other tests still ran")
+    browser = chromium()
     page = tmp_path / "long.html"
     page.write_text(render_report(dump), encoding="utf-8")
     flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -308,10 +302,7 @@ def test_long_run_renders_readably_in_headless_chromium(dump, tmp_path):
 
 
 def test_top_k_report_renders_in_headless_chromium(tmp_path):
-    browser = _chromium()
-    if browser is None:
-        pytest.skip("the browser check needs Chromium on PATH, not installed here "
-                    "(Debian: apt-get install chromium, as root)")
+    browser = chromium()
     page = tmp_path / "topk.html"
     page.write_text(render_report(synthetic_dump(top_k=3, n_tokens=60, prompt_len=50,
                                                  spans=[{"name": "a", "start": 1, "end": 9}])), encoding="utf-8")

@@ -18,7 +18,6 @@ from engine.structured import GrammarCompiler, GrammarError, StructuredOutput, T
 from live_server import LiveServer
 from server import ServerSettings, create_app
 
-pytest.importorskip("llguidance", reason="structured outputs need llguidance (pip install -e .)")
 
 # Bounded strings, numbers and arrays, so that even a random model finishes the object in ~60-90 tokens.
 SCHEMA = {
