@@ -102,9 +102,6 @@ def _parser() -> argparse.ArgumentParser:
                                                      "max_position_embeddings)")
     s.add_argument("--kv-cache-memory", default=f"{DEFAULT_KV_CACHE_MEMORY >> 20}M",
                    help="KV cache size: bytes, or with a suffix like 512M, 2G")
-    s.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
-                   help="what the KV cache stores: auto (the model's dtype), int8 or fp8_e4m3 (8 bits and a float16 "
-                        "scale per token and KV head: about half of bfloat16's bytes)")
     s.add_argument("--max-num-seqs", type=int, default=64, help="most sequences decoded together")
     s.add_argument("--max-num-batched-tokens", type=int, default=512, help="most tokens in one step (prefill "
                                                                          "chunks and decode rows)")
@@ -149,6 +146,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for the engine (default: one per physical core)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
+                   help="what the KV cache stores: auto (the model's dtype), int8 or fp8_e4m3 (8 bits and a float16 "
+                        "scale per token and KV head: about half of bfloat16's bytes)")
 
 
 def load_llm(args: argparse.Namespace, **engine_options):
@@ -156,7 +156,7 @@ def load_llm(args: argparse.Namespace, **engine_options):
     from engine.llm import LLM
 
     return LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
-               threads=args.threads, **engine_options)
+               threads=args.threads, kv_cache_dtype=args.kv_cache_dtype, **engine_options)
 
 
 def _convert(args: argparse.Namespace) -> int:

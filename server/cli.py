@@ -69,7 +69,6 @@ def serve(args: argparse.Namespace) -> int:
     llm = load_llm(
         args,
         kv_cache_memory=kv_bytes,
-        kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto"),
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=getattr(args, "max_model_len", None),
