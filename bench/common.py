@@ -12,15 +12,10 @@ from pathlib import Path
 
 import torch
 
+from engine.kv_memory.quality import english_text  # noqa: F401  (the fixed text; bench scripts import it here)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "smollm2-135m-instruct"
-
-
-def english_text() -> str:
-    """A fixed English text every Python install has: the language reference in `pydoc_data.topics`."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))
 
 
 def machine() -> dict:

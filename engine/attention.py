@@ -16,6 +16,7 @@ from engine.kv_quant import QuantizedPool
 
 if TYPE_CHECKING:
     from engine.capture import CaptureSink
+    from engine.head_plan import HeadSplit
 
 
 @dataclass
@@ -68,6 +69,18 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor | None  # [tokens] where each new token's K/V go; None = no cache
     decode: list[DecodeBatch]  # the decode rows lead the flat batch, group after group
     prefills: list[PrefillSegment]
+    window: WindowAttention | None = None  # head-aware eviction: where the window heads read and write
+
+
+@dataclass
+class WindowAttention:
+    """The window heads' side of a head-aware step (engine/head_plan.py): the same rows, laid out over the
+    window pool's blocks (fewer keys once evicted), that pool's layers, and each layer's head split."""
+
+    meta: AttentionMetadata
+    k_pools: list
+    v_pools: list
+    splits: list[HeadSplit]
 
 
 # Prefill chunks up to this many attention scores form them explicitly (one batched matmul with the mask
@@ -87,6 +100,27 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """q `[T, H, D]`, k/v `[T, KVH, D]` for the new tokens -> output `[T, H * D]`."""
+    if meta.window is not None:
+        return _split_attention(q, k, v, k_pool, v_pool, meta, layer, scale)
+    return _attend(q, k, v, k_pool, v_pool, meta, layer, scale)
+
+
+def _split_attention(q, k, v, k_pool, v_pool, meta: AttentionMetadata, layer: int, scale: float) -> torch.Tensor:
+    """Head-aware eviction: the layer's full heads attend through `meta` over their pool, its window heads
+    through `meta.window` over theirs; each part is grouped-query attention of its KV heads' query groups."""
+    t, h, d = q.shape
+    w, split = meta.window, meta.window.splits[layer]
+    out = q.new_empty(t, h, d)
+    for q_heads, kv_heads, kp, vp, m in ((split.full_q, split.full_kv, k_pool, v_pool, meta),
+                                         (split.window_q, split.window_kv, w.k_pools[layer], w.v_pools[layer], w.meta)):
+        if len(kv_heads):
+            part = _attend(q.index_select(1, q_heads), k.index_select(1, kv_heads), v.index_select(1, kv_heads),
+                           kp, vp, m, layer, scale)
+            out.index_copy_(1, q_heads, part.view(t, -1, d))
+    return out.view(t, h * d)
+
+
+def _attend(q, k, v, k_pool, v_pool, meta: AttentionMetadata, layer: int, scale: float) -> torch.Tensor:
     if meta.slot_mapping is not None:
         _write_cache(k, v, k_pool, v_pool, meta.slot_mapping)
     # Decode rows lead the flat batch and prefill segments follow in order, so the parts concatenate.

@@ -81,8 +81,6 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
     g.add_argument("--seed", type=int, help="sampling seed (default: random)")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
-    g.add_argument("--kv-policy", metavar="sink_window:S:W[:streaming]",
-                   help="keep only the first S and the last W tokens' K/V while generating (StreamingLLM)")
     g.set_defaults(func=_generate)
 
     s = sub.add_parser("serve", help="run the HTTP server (OpenAI-compatible API plus /generate)",
@@ -105,9 +103,6 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--max-num-seqs", type=int, default=64, help="most sequences decoded together")
     s.add_argument("--max-num-batched-tokens", type=int, default=512, help="most tokens in one step (prefill "
                                                                          "chunks and decode rows)")
-    s.add_argument("--kv-policy", metavar="sink_window:S:W[:streaming]",
-                   help="default KV eviction for requests that give none: keep the first S and the last W tokens "
-                        "(StreamingLLM), so generation can run past the KV cache in bounded memory (default: none)")
     s.add_argument("--max-waiting-requests", type=int, default=256,
                    help="queued requests beyond which new ones get 429")
     s.add_argument("--allowed-origins", help="origins a browser page may call the API from (CORS): comma-separated, "
@@ -149,6 +144,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="what the KV cache stores: auto (the model's dtype), int8 or fp8_e4m3 (8 bits and a float16 "
                         "scale per token and KV head: about half of bfloat16's bytes)")
+    p.add_argument("--kv-policy", metavar="sink_window:S:W[:streaming]",
+                   help="KV eviction for requests that give none: keep the first S and the last W tokens "
+                        "(StreamingLLM), so generation can run past the KV cache in bounded memory (default: none)")
+    p.add_argument("--head-plan", type=Path, metavar="PLAN.json",
+                   help="head-aware eviction: only the KV heads this plan (from `kvmini head-plan`) keeps have a full "
+                        "cache; --kv-policy is then what every other head keeps")
 
 
 def load_llm(args: argparse.Namespace, **engine_options):
@@ -156,7 +157,8 @@ def load_llm(args: argparse.Namespace, **engine_options):
     from engine.llm import LLM
 
     return LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
-               threads=args.threads, kv_cache_dtype=args.kv_cache_dtype, **engine_options)
+               threads=args.threads, kv_cache_dtype=args.kv_cache_dtype, kv_policy=args.kv_policy,
+               head_plan=args.head_plan, **engine_options)
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -208,7 +210,6 @@ def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         repetition_penalty=args.repetition_penalty, seed=args.seed, max_tokens=args.max_tokens, stop=args.stop,
-        kv_policy=args.kv_policy,
     )
     llm = load_llm(args)
     if args.chat:

@@ -57,8 +57,10 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.model_config = model_config
         self.max_model_len = max_model_len
+        # A prompt (or a preempted sequence's recompute) needs room for every token in each pool.
+        pools = [runner.blocks.kv_cache] + ([runner.blocks.window.blocks.kv_cache] if runner.blocks.window else [])
         self.limits = ContextLimits(
-            model_config.vocab_size, max_model_len, runner.kv_cache.num_blocks, runner.kv_cache.block_size
+            model_config.vocab_size, max_model_len, min(p.num_blocks for p in pools), runner.kv_cache.block_size
         )
         self.max_seq_len = self.limits.max_seq_len
         self.scheduler = Scheduler(scheduler_config, runner.blocks)
@@ -85,9 +87,7 @@ class LLMEngine:
         ids = prompt_token_ids(prompt, self.tokenizer, self.limits.vocab_size)
         kv_policy = self.kv_policy_for(params)
         check_request(ids, params, self.limits, kv_policy=kv_policy)
-        if kv_policy is not None and capture is not None:
-            # Captured rows are indexed by position; an evicting sequence's keys are not all positions.
-            raise RequestError("kv_policy", f"attention capture cannot be combined with kv_policy {kv_policy}")
+        self.check_kv_policy(kv_policy, capture)
         grammar = self.grammars.matcher(params.structured_output) if params.structured_output is not None else None
         state = self.capture_state(capture, len(ids)) if capture is not None else None
         request_id = request_id if request_id is not None else f"req-{next(self._request_ids)}"
@@ -108,6 +108,18 @@ class LLMEngine:
         )
         self.scheduler.add(seq)
         return request_id
+
+    def check_kv_policy(self, kv_policy: KVPolicy | None, capture: AttentionCapture | None) -> None:
+        """Eviction and capture go together only when nothing evicts: captured rows are indexed by position,
+        and an evicting sequence's keys are not all positions."""
+        tier = self.blocks.window
+        if tier is not None and kv_policy is not None:
+            raise RequestError("kv_policy", f"this engine runs head-aware eviction (its window heads keep "
+                                            f"{tier.policy}); a request cannot set its own kv_policy")
+        if capture is not None and (kv_policy is not None or tier is not None):
+            what = f"kv_policy {kv_policy}" if kv_policy is not None else "head-aware eviction"
+            raise RequestError("kv_policy" if kv_policy is not None else "attention",
+                               f"attention capture cannot be combined with {what}")
 
     def kv_policy_for(self, params: SamplingParams) -> KVPolicy | None:
         """The request's own kv_policy, else the engine's default."""
@@ -321,7 +333,14 @@ class LLMEngine:
             "prefix_cache_hits": self.blocks.prefix_hits,
             "prefix_cache_hit_rate": self.blocks.prefix_hits / q if q else 0.0,
             "preemptions": self.scheduler.num_preemptions,
-        }
+        } | self._window_stats()
+
+    def _window_stats(self) -> dict[str, float]:
+        """Head-aware eviction: the window heads' pool (engine/head_plan.py)."""
+        if self.blocks.window is None:
+            return {}
+        a = self.blocks.window.blocks.allocator
+        return {"kv_window_blocks_total": a.num_blocks, "kv_window_blocks_used": a.num_used}
 
 
 @dataclass
@@ -347,7 +366,7 @@ class _StepState:
 
     def restore(self) -> None:
         for seq, num_cached, num_chunks, generator_state in self.items:
-            seq.block_table.num_cached_tokens = num_cached
+            seq.block_table.set_cached(num_cached)
             if seq.capture is not None:
                 del seq.capture.prefill_chunks[num_chunks:]
             if generator_state is not None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -11,6 +13,9 @@ from engine.config import ModelConfig
 from engine.errors import CacheFullError
 from engine.kv_policy import KVPolicy
 from engine.kv_quant import QuantizedPool, bytes_per_value, check_kv_cache_dtype
+
+if TYPE_CHECKING:
+    from engine.head_plan import WindowTier
 
 
 DEFAULT_KV_CACHE_MEMORY = 256 * 2**20  # bytes of K/V pool when neither num_blocks nor kv_cache_memory is given
@@ -40,40 +45,53 @@ class CacheConfig:
         if self.kv_cache_memory is not None and self.kv_cache_memory < 1:
             raise ValueError(f"kv_cache_memory must be >= 1 byte, got {self.kv_cache_memory}")
 
+    @property
+    def budget(self) -> int:
+        """Bytes of pool to size from when `num_blocks` is not given."""
+        return self.kv_cache_memory if self.kv_cache_memory is not None else DEFAULT_KV_CACHE_MEMORY
+
     def resolve_num_blocks(self, bytes_per_block: int) -> int:
         if self.num_blocks is not None:
             return self.num_blocks
-        budget = self.kv_cache_memory if self.kv_cache_memory is not None else DEFAULT_KV_CACHE_MEMORY
+        budget = self.budget
         n = budget // bytes_per_block
         if n < 1:
             raise ValueError(f"kv_cache_memory={budget} bytes is smaller than one block ({bytes_per_block} bytes)")
         return n
 
 
-def kv_bytes_per_token(config: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -> int:
-    """Cache bytes one token takes: 2 (K and V) x layers x kv_heads x head_dim x bytes per value, scales included."""
+def kv_bytes_per_token(config: ModelConfig, cache: CacheConfig, dtype: torch.dtype,
+                       kv_heads: Sequence[int] | None = None) -> int:
+    """Cache bytes one token takes: 2 (K and V) x layers x kv_heads x head_dim x bytes per value, scales included
+    (`kv_heads`: a pool's heads per layer, when it holds only some of them; engine/head_plan.py)."""
     per_value = bytes_per_value(cache.kv_cache_dtype, dtype, config.head_dim, cache.kv_cache_group_size)
-    return round(2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * per_value)
+    heads = config.num_hidden_layers * config.num_key_value_heads if kv_heads is None else sum(kv_heads)
+    return round(2 * heads * config.head_dim * per_value)
 
 
 class KVCache:
     """One K pool and one V pool per layer, each `[num_blocks, block_size, n_kv_heads, head_dim]`: tensors of
-    the model's dtype, or `QuantizedPool`s (8-bit codes and scales) with a quantized `kv_cache_dtype`."""
+    the model's dtype, or `QuantizedPool`s (8-bit codes and scales) with a quantized `kv_cache_dtype`.
 
-    def __init__(self, config: ModelConfig, cache: CacheConfig, dtype: torch.dtype, device: torch.device | str):
+    `kv_heads` (per layer) makes a pool for some of each layer's KV heads only (head-aware eviction,
+    engine/head_plan.py); a layer may have none. `num_blocks` overrides the cache config's sizing."""
+
+    def __init__(self, config: ModelConfig, cache: CacheConfig, dtype: torch.dtype, device: torch.device | str,
+                 kv_heads: Sequence[int] | None = None, num_blocks: int | None = None):
         self.block_size = cache.block_size
         self.kv_cache_dtype = cache.kv_cache_dtype
-        self.bytes_per_token = kv_bytes_per_token(config, cache, dtype)
-        self.num_blocks = cache.resolve_num_blocks(self.bytes_per_token * cache.block_size)
-        shape = (self.num_blocks, cache.block_size, config.num_key_value_heads, config.head_dim)
+        self.kv_heads = list(kv_heads) if kv_heads is not None else [config.num_key_value_heads] * config.num_hidden_layers
+        self.bytes_per_token = kv_bytes_per_token(config, cache, dtype, self.kv_heads)
+        self.num_blocks = num_blocks or cache.resolve_num_blocks(self.bytes_per_token * cache.block_size)
 
-        def pool():
+        def pool(heads: int):
+            shape = (self.num_blocks, cache.block_size, heads, config.head_dim)
             if cache.kv_cache_dtype == "auto":
                 return torch.zeros(shape, dtype=dtype, device=device)
             return QuantizedPool.empty(shape, cache.kv_cache_dtype, dtype, device, cache.kv_cache_group_size)
 
-        self.k = [pool() for _ in range(config.num_hidden_layers)]
-        self.v = [pool() for _ in range(config.num_hidden_layers)]
+        self.k = [pool(heads) for heads in self.kv_heads]
+        self.v = [pool(heads) for heads in self.kv_heads]
 
     @property
     def bytes_per_block(self) -> int:
@@ -197,6 +215,9 @@ class BlockTable:
     blocks: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0  # tokens whose K/V are in the blocks
     block_hashes: list[int] = field(default_factory=list)  # chain hashes of the leading full blocks
+    # Head-aware eviction (engine/head_plan.py): the same tokens' blocks in the window heads' pool, where the
+    # manager's `window` tier evicts; None without it. Its `num_cached_tokens` follows this table's.
+    window: BlockTable | None = None
 
     @property
     def live_blocks(self) -> list[int]:
@@ -204,17 +225,26 @@ class BlockTable:
 
     @property
     def has_evicted(self) -> bool:
-        return EVICTED in self.blocks
+        return EVICTED in self.blocks or (self.window is not None and self.window.has_evicted)
+
+    def set_cached(self, num_tokens: int) -> None:
+        """Say `num_tokens` have K/V (a failed step is undone this way), in the window table too."""
+        self.num_cached_tokens = num_tokens
+        if self.window is not None:
+            self.window.num_cached_tokens = num_tokens
 
 
 class BlockManager:
     """Gives sequences blocks, copy-on-write for shared partly filled blocks, and prefix reuse."""
 
-    def __init__(self, kv_cache: KVCache, enable_prefix_caching: bool = True):
+    def __init__(self, kv_cache: KVCache, enable_prefix_caching: bool = True, window: WindowTier | None = None):
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.allocator = BlockAllocator(kv_cache.num_blocks)
         self.enable_prefix_caching = enable_prefix_caching
+        # Head-aware eviction: every table also holds blocks of the window heads' pool (`BlockTable.window`),
+        # reserved, committed, forked and released with it, evicted by the tier's policy (engine/head_plan.py).
+        self.window = window
         self.prefix_queries = 0  # full prompt blocks looked up (once per request, see record_prefix_lookup)
         self.prefix_hits = 0  # of which were found cached
 
@@ -256,8 +286,18 @@ class BlockManager:
         need = max(self.blocks_needed(num_tokens) - len(table.blocks), 0)
         return need + self._needs_copy_on_write(table, num_tokens)
 
+    def can_reserve(self, table: BlockTable, num_tokens: int) -> bool:
+        """Whether `reserve(table, num_tokens)` would succeed (in the window tier too)."""
+        if self.window is not None and not self.window.blocks.can_reserve(table.window or BlockTable(), num_tokens):
+            return False
+        return self.can_allocate(self.blocks_to_reserve(table, num_tokens))
+
     def reserve(self, table: BlockTable, num_tokens: int) -> None:
         """Make room for `num_tokens` in total, allocating blocks and un-sharing a shared last block."""
+        if self.window is not None:
+            if table.window is None:
+                table.window = BlockTable(num_cached_tokens=table.num_cached_tokens)
+            self.window.blocks.reserve(table.window, num_tokens)
         need = self.blocks_needed(num_tokens) - len(table.blocks)
         cow = self._needs_copy_on_write(table, num_tokens)
         if max(need, 0) + cow > self.allocator.num_free:
@@ -291,7 +331,7 @@ class BlockManager:
 
     def commit(self, table: BlockTable, token_ids: list[int], num_tokens: int) -> None:
         """Mark `num_tokens` as written and register newly completed full blocks for prefix reuse."""
-        table.num_cached_tokens = num_tokens
+        table.set_cached(num_tokens)
         if not self.enable_prefix_caching or table.has_evicted:
             # After an eviction, new K/V are computed without the evicted keys: they must never be shared.
             return
@@ -307,10 +347,13 @@ class BlockManager:
         """A new table sharing every block (copy-on-write happens on the first write to a shared block)."""
         for block in table.live_blocks:
             self.allocator.share(block)
-        return BlockTable(list(table.blocks), table.num_cached_tokens, list(table.block_hashes))
+        window = self.window.blocks.fork(table.window) if table.window is not None else None
+        return BlockTable(list(table.blocks), table.num_cached_tokens, list(table.block_hashes), window)
 
     def truncate(self, table: BlockTable, num_tokens: int) -> None:
         """Drop cached tokens past `num_tokens`, freeing blocks that are no longer needed."""
+        if table.window is not None:
+            self.window.blocks.truncate(table.window, num_tokens)
         keep = self.blocks_needed(num_tokens)
         if num_tokens % self.block_size and keep <= len(table.blocks) and table.blocks[keep - 1] != EVICTED:
             self._unhash_if_private(table.blocks[keep - 1])
@@ -336,8 +379,9 @@ class BlockManager:
         self.truncate(table, 0)
 
     def held_bytes(self, table: BlockTable) -> int:
-        """Cache bytes this sequence holds (whole blocks, including a partly filled last one)."""
-        return len(table.live_blocks) * self.kv_cache.bytes_per_block
+        """Cache bytes this sequence holds (whole blocks, including a partly filled last one; both tiers)."""
+        window = self.window.blocks.held_bytes(table.window) if table.window is not None else 0
+        return len(table.live_blocks) * self.kv_cache.bytes_per_block + window
 
     # ---- sink + window eviction (engine/kv_policy.py) ---------------------------------------------------
     def evict(self, table: BlockTable, policy: KVPolicy, num_tokens: int) -> int:
@@ -351,6 +395,13 @@ class BlockManager:
                 table.blocks[i] = EVICTED
                 freed += 1
         return freed
+
+    def evict_window(self, table: BlockTable, num_tokens: int) -> int:
+        """Head-aware eviction: `evict` in the window tier, under its policy (nothing without a window tier).
+        Only blocks already computed may go: call it for a token whose predecessors all have K/V."""
+        if self.window is None or table.window is None:
+            return 0
+        return self.window.blocks.evict(table.window, self.window.policy, num_tokens)
 
     def blocks_to_recompute(self, policy: KVPolicy, num_tokens: int) -> int:
         """Blocks `reserve_window` takes for a sequence of `num_tokens` tokens."""

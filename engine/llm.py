@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from engine.capture import AttentionCapture
 from engine.checkpoint import load_weights
 from engine.config import ModelConfig
+from engine.head_plan import HeadPlan, head_aware_blocks
 from engine.kv_cache import BlockManager, CacheConfig, KVCache
 from engine.kv_policy import KVPolicy
 from engine.model import build_model
@@ -64,6 +65,7 @@ class EngineConfig:
     pack_weights: bool = True  # CPU float32/bfloat16: oneDNN-packed linear layers (engine/packed_linear.py)
     quantization: str | None = None  # "int8" | "int4" | "auto" weight-only linear layers (engine/quant.py)
     kv_policy: KVPolicy | None = None  # default sink + window eviction for requests (engine/kv_policy.py)
+    head_plan: HeadPlan | None = None  # head-aware eviction: kv_policy for the plan's window heads only
 
 
 class LLM:
@@ -88,6 +90,7 @@ class LLM:
         quantization: str | None = None,
         threads: int | None = None,
         kv_policy: KVPolicy | str | None = None,
+        head_plan: HeadPlan | str | Path | None = None,
     ):
         set_threads(threads)
         self.model_dir = Path(model)
@@ -104,16 +107,24 @@ class LLM:
             pack_weights=pack_weights,
             quantization=parse_quantization(quantization, device),
             kv_policy=KVPolicy.coerce(kv_policy),
+            head_plan=HeadPlan.coerce(head_plan),
         )
         ec = self.engine_config
+        if ec.head_plan is not None and ec.kv_policy is None:
+            raise ValueError("head_plan needs kv_policy: the sink + window that the plan's window heads keep")
         if max_model_len is not None and not 1 <= max_model_len <= self.config.max_position_embeddings:
             raise ValueError(f"max_model_len must be in [1, {self.config.max_position_embeddings}] (the model's "
                              f"max_position_embeddings), got {max_model_len}")
         tensors = load_weights(self.model_dir, self.config, ec.dtype)
         self.model = build_model(self.config, tensors, ec.dtype, ec.device, ec.pack_weights, ec.quantization)
         del tensors
-        self.kv_cache = KVCache(self.config, ec.cache, ec.dtype, ec.device)
-        self.blocks = BlockManager(self.kv_cache, ec.cache.enable_prefix_caching)
+        if ec.head_plan is None:
+            self.blocks = BlockManager(KVCache(self.config, ec.cache, ec.dtype, ec.device),
+                                       ec.cache.enable_prefix_caching)
+        else:
+            self.blocks = head_aware_blocks(self.config, ec.cache, ec.dtype, ec.device, ec.head_plan, ec.kv_policy,
+                                            max_num_seqs, self.max_model_len)
+        self.kv_cache = self.blocks.kv_cache  # with a head plan: the full heads' pool
         self.runner = ModelRunner(self.model, self.kv_cache, self.blocks, ec.device)
         self.engine = LLMEngine(
             self.runner,
@@ -121,7 +132,7 @@ class LLM:
             self.config,
             SchedulerConfig(max_num_seqs, max_num_batched_tokens),
             self.max_model_len,
-            ec.kv_policy,
+            ec.kv_policy if ec.head_plan is None else None,  # with a head plan, the policy is the window heads'
         )
 
     @property
@@ -215,6 +226,7 @@ class LLM:
         """Start step-by-step decoding of `prompt` (see `Session`). Only `params.kv_policy` applies to a session,
         not the engine's default."""
         ids = self._prompt_ids(prompt)
+        self.engine.check_kv_policy(params.kv_policy if params is not None else None, capture)
         state = self.engine.capture_state(capture, len(ids)) if capture is not None else None
         return Session(self.runner, self.tokenizer, self.engine.seq_ids, ids, self.max_model_len, state, params)
 

@@ -6,9 +6,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.attention import AttentionMetadata, DecodeBatch, PrefillSegment, SinkRotation, group_by_length
+from engine.attention import (AttentionMetadata, DecodeBatch, PrefillSegment, SinkRotation, WindowAttention,
+                              group_by_length)
 from engine.capture import CaptureSink
-from engine.kv_cache import EVICTED, BlockManager, KVCache
+from engine.kv_cache import EVICTED, BlockManager, BlockTable, KVCache
+from engine.kv_policy import KVPolicy
 from engine.model import LlamaModel
 from engine.sequence import Sequence
 
@@ -61,26 +63,25 @@ class ModelRunner:
 
         The caller (scheduler or session) has reserved the blocks: one reservation per sequence per step."""
         # Decode rows sorted by context length, so that rows of similar length share one padded batch.
-        decode = sorted((w for w in work if w.is_decode), key=lambda w: self._num_keys(w.seq))
+        decode = sorted((w for w in work if w.is_decode), key=lambda w: self._num_keys(w.seq, self.blocks))
         prefill = [w for w in work if not w.is_decode]
         ordered = decode + prefill  # decode rows lead the flat batch
-        ids, positions, slots = [], [], []
+        ids, positions = [], []
         for w in ordered:
             s, start = w.seq, w.seq.num_computed
             ids += s.token_ids[start : start + w.num_tokens]
             positions += range(start, start + w.num_tokens)
-            slots += self.blocks.slots(s.block_table, start, start + w.num_tokens)
         cfg = self.model.config
         captures = {
             w.seq.seq_id: w.seq.capture.sink(cfg.num_hidden_layers, cfg.num_attention_heads, w.num_logits,
                                              w.seq.num_computed + w.num_tokens)
             for w in ordered if w.seq.capture is not None
         }
-        meta = AttentionMetadata(
-            slot_mapping=self._tensor(slots),
-            decode=self._decode_batches(decode, captures),
-            prefills=self._prefill_segments(prefill, len(decode), captures),
-        )
+        meta = self._metadata(ordered, decode, prefill, captures, self.blocks)
+        if (tier := self.blocks.window) is not None:  # head-aware eviction: the window heads' pool too
+            pool = tier.blocks.kv_cache
+            meta.window = WindowAttention(self._metadata(ordered, decode, prefill, {}, tier.blocks),
+                                          pool.k, pool.v, tier.splits)
         hidden = self.model(
             self._tensor(ids), self._tensor(positions), meta, self.kv_cache.k, self.kv_cache.v, max(positions)
         )
@@ -105,16 +106,39 @@ class ModelRunner:
         if n > 0:
             out.append((w.seq, start + 1, self.model.compute_logits(hidden[row : row + n])))
 
-    def _decode_batches(self, decode: list[ScheduledSeq], captures: dict[int, CaptureSink]) -> list[DecodeBatch]:
+    def _metadata(self, ordered: list[ScheduledSeq], decode: list[ScheduledSeq], prefill: list[ScheduledSeq],
+                  captures: dict[int, CaptureSink], tier: BlockManager) -> AttentionMetadata:
+        """Where the flat batch's K/V go and what each row reads, through `tier`'s blocks (`self.blocks`, or
+        with head-aware eviction the window heads' `self.blocks.window.blocks`)."""
+        slots = []
+        for w in ordered:
+            start = w.seq.num_computed
+            slots += tier.slots(self._table(w.seq, tier), start, start + w.num_tokens)
+        return AttentionMetadata(
+            slot_mapping=self._tensor(slots),
+            decode=self._decode_batches(decode, captures, tier),
+            prefills=self._prefill_segments(prefill, len(decode), captures, tier),
+        )
+
+    def _table(self, seq: Sequence, tier: BlockManager) -> BlockTable:
+        return seq.block_table if tier is self.blocks else seq.block_table.window
+
+    def _policy(self, seq: Sequence, tier: BlockManager) -> KVPolicy | None:
+        return seq.kv_policy if tier is self.blocks else self.blocks.window.policy
+
+    def _decode_batches(self, decode: list[ScheduledSeq], captures: dict[int, CaptureSink],
+                        tier: BlockManager) -> list[DecodeBatch]:
         """Split the (length-sorted) decode rows into batches that waste little attention on padding."""
         batches, start = [], 0
-        for size in group_by_length([self._num_keys(w.seq) for w in decode], DECODE_MAX_PADDING, DECODE_MAX_KEYS):
-            batches.append(self._decode_batch(decode[start : start + size], captures))
+        lens = [self._num_keys(w.seq, tier) for w in decode]
+        for size in group_by_length(lens, DECODE_MAX_PADDING, DECODE_MAX_KEYS):
+            batches.append(self._decode_batch(decode[start : start + size], captures, tier))
             start += size
         return batches
 
-    def _decode_batch(self, decode: list[ScheduledSeq], captures: dict[int, CaptureSink]) -> DecodeBatch:
-        contexts = [self._context(w.seq, w.seq.num_tokens) for w in decode]
+    def _decode_batch(self, decode: list[ScheduledSeq], captures: dict[int, CaptureSink],
+                      tier: BlockManager) -> DecodeBatch:
+        contexts = [self._context(w.seq, w.seq.num_tokens, tier) for w in decode]
         lens = [num_keys for _, num_keys in contexts]
         key_slots = self._key_slots([blocks for blocks, _ in contexts], max(lens))
         mask = None
@@ -123,15 +147,15 @@ class ModelRunner:
             mask = valid.view(len(lens), 1, 1, -1).to(self.device)
         sinks = [captures.get(w.seq.seq_id) for w in decode]
         return DecodeBatch(key_slots, mask, lens, sinks if any(s is not None for s in sinks) else None,
-                           self._sink_rotation([w.seq for w in decode], lens))
+                           self._sink_rotation([w.seq for w in decode], lens, tier))
 
-    def _sink_rotation(self, seqs: list[Sequence], lens: list[int]) -> SinkRotation | None:
+    def _sink_rotation(self, seqs: list[Sequence], lens: list[int], tier: BlockManager) -> SinkRotation | None:
         """StreamingLLM positions (engine/kv_policy.py): rows with evicted tokens see their sink keys moved
         forward by the number evicted, so that the sink sits just before the window as in the cache."""
         bs = self.blocks.block_size
         rows, num_sink, shifts = [], [], []
         for i, (seq, num_keys) in enumerate(zip(seqs, lens)):
-            policy = seq.kv_policy
+            policy = self._policy(seq, tier)
             if policy is not None and policy.streaming and policy.sink and num_keys < seq.num_tokens:
                 rows.append(i)
                 num_sink.append(policy.sink_blocks(bs) * bs)
@@ -142,29 +166,29 @@ class ModelRunner:
         return SinkRotation(rows, num_sink, cos.squeeze(1), signed_sin.squeeze(1))
 
     def _prefill_segments(
-        self, prefill: list[ScheduledSeq], start: int, captures: dict[int, CaptureSink]
+        self, prefill: list[ScheduledSeq], start: int, captures: dict[int, CaptureSink], tier: BlockManager
     ) -> list[PrefillSegment]:
         segments = []
         for w in prefill:
-            blocks, num_keys = self._context(w.seq, w.seq.num_computed + w.num_tokens)
+            blocks, num_keys = self._context(w.seq, w.seq.num_computed + w.num_tokens, tier)
             key_slots = self._key_slots([blocks], num_keys)[0]
             segments.append(PrefillSegment(start, w.num_tokens, key_slots, captures.get(w.seq.seq_id)))
             start += w.num_tokens
         return segments
 
-    def _context(self, seq: Sequence, length: int) -> tuple[list[int], int]:
-        """The blocks attention reads for `seq`'s first `length` positions, and how many keys they hold: all
-        of them, or with a kv_policy the kept ones (evicted blocks are whole blocks before the last one, so
-        the kept keys are the kept blocks' slots in order)."""
-        blocks = seq.block_table.blocks[: -(-length // self.blocks.block_size)]
-        if seq.kv_policy is None:
+    def _context(self, seq: Sequence, length: int, tier: BlockManager) -> tuple[list[int], int]:
+        """The blocks attention reads for `seq`'s first `length` positions in `tier`, and how many keys they
+        hold: all of them, or with a kv_policy the kept ones (evicted blocks are whole blocks before the last
+        one, so the kept keys are the kept blocks' slots in order)."""
+        blocks = self._table(seq, tier).blocks[: -(-length // self.blocks.block_size)]
+        if self._policy(seq, tier) is None:
             return blocks, length
         kept = [b for b in blocks if b != EVICTED]
         return kept, length - (len(blocks) - len(kept)) * self.blocks.block_size
 
-    def _num_keys(self, seq: Sequence) -> int:
-        """Keys the newest token of `seq` attends to."""
-        return seq.num_tokens if seq.kv_policy is None else self._context(seq, seq.num_tokens)[1]
+    def _num_keys(self, seq: Sequence, tier: BlockManager) -> int:
+        """Keys the newest token of `seq` attends to in `tier`."""
+        return seq.num_tokens if self._policy(seq, tier) is None else self._context(seq, seq.num_tokens, tier)[1]
 
     def _key_slots(self, block_lists: list[list[int]], length: int) -> torch.Tensor:
         """`[len(block_lists), length]` cache slots of the first `length` keys through each list of blocks."""

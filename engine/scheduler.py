@@ -66,10 +66,10 @@ class Scheduler:
             lookup = not seq.block_table.blocks and not seq.computes_whole_prompt and not recompute_window
             reused = self.blocks.match_prefix(seq.block_table, seq.token_ids) if lookup else 0
             if recompute_window:
-                need = self.blocks.blocks_to_recompute(seq.kv_policy, seq.num_tokens)
+                fits = self.blocks.can_allocate(self.blocks.blocks_to_recompute(seq.kv_policy, seq.num_tokens))
             else:
-                need = self.blocks.blocks_needed(seq.num_tokens) - len(seq.block_table.blocks)
-            if not self.blocks.can_allocate(need):
+                fits = self.blocks.can_reserve(seq.block_table, seq.num_tokens)
+            if not fits:
                 # Never wait while holding prefix-cache blocks: waiting sequences that each hold some
                 # blocks could otherwise starve one another forever.
                 self.blocks.release(seq.block_table)
@@ -97,6 +97,8 @@ class Scheduler:
         longer reads (when decoding; its prompt is prefilled with full attention), or, when recomputing after
         preemption, skips the tokens its window had dropped and stops before the next dropped ones."""
         table, policy = seq.block_table, seq.kv_policy
+        if seq.num_computed == seq.num_tokens - 1:  # decoding: head-aware eviction's window heads move on
+            self.blocks.evict_window(table, seq.num_tokens)
         if policy is not None:
             if seq.num_computed >= seq.num_prompt_tokens:
                 self.blocks.evict(table, policy, seq.num_tokens)
@@ -110,8 +112,7 @@ class Scheduler:
         """Reserve blocks for `num_new` tokens of `seq`, preempting newer sequences if needed."""
         table = seq.block_table
         while True:
-            need = self.blocks.blocks_to_reserve(table, seq.num_computed + num_new)
-            if self.blocks.can_allocate(need):
+            if self.blocks.can_reserve(table, seq.num_computed + num_new):
                 self.blocks.reserve(table, seq.num_computed + num_new)
                 return True
             victim = self.running[-1]

@@ -177,9 +177,11 @@ class Session:
         seq = self.seq
         seq.token_ids += extra
         try:
-            if seq.kv_policy is not None and seq.num_computed >= seq.num_prompt_tokens:
+            if seq.num_computed >= seq.num_prompt_tokens:
                 # The window of the first token computed now; a chunk's later tokens see a little more.
-                self.blocks.evict(seq.block_table, seq.kv_policy, seq.num_computed + 1)
+                if seq.kv_policy is not None:
+                    self.blocks.evict(seq.block_table, seq.kv_policy, seq.num_computed + 1)
+                self.blocks.evict_window(seq.block_table, seq.num_computed + 1)
             self.runner.blocks.reserve(seq.block_table, seq.num_tokens)
             out = self.runner.run([ScheduledSeq(seq, seq.num_tokens - seq.num_computed, num_logits)])
         except BaseException:

@@ -72,7 +72,6 @@ def serve(args: argparse.Namespace) -> int:
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=getattr(args, "max_model_len", None),
-        kv_policy=getattr(args, "kv_policy", None),
     )
     app = create_app(llm, settings)
     host = f"[{args.host}]" if ":" in args.host else args.host

@@ -6,6 +6,7 @@ import argparse
 import re
 from pathlib import Path
 
+from engine.head_plan import DEFAULT_KEEP_LABELS
 from engine.kv_quant import KV_CACHE_DTYPES
 
 DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
@@ -46,6 +47,23 @@ def add_subcommands(subparsers) -> None:
     m.add_argument("--only", action="store_true", help="size only the model's own KV-head count")
     m.add_argument("--rss", action="store_true", help="also measure process RSS growth (a fresh process per row)")
     m.set_defaults(func=run_kv_memory)
+
+    h = subparsers.add_parser(
+        "head-plan",
+        help="label every head on calibration text and write which KV heads keep a full cache (head-aware eviction)",
+        description="Runs the model over calibration text with head statistics (as `kvmini attn`), labels every "
+        "head, and writes a plan: a KV head keeps its full cache when one of its query heads has a --keep label; "
+        "the others keep only what --kv-policy says (`kvmini serve --head-plan PLAN --kv-policy sink_window:4:1020`).",
+    )
+    h.add_argument("model", type=Path, nargs="?", help="HF-format model directory (default: the SmolLM2 weights)")
+    h.add_argument("--out", type=Path, required=True, help="plan file to write (JSON)")
+    h.add_argument("--text", type=Path, help="calibration text file (default: the end of Python's language "
+                                             "reference, which the perplexity benchmarks do not score)")
+    h.add_argument("--tokens", type=int, default=1024, help="calibration tokens (default 1024)")
+    h.add_argument("--keep", default=",".join(DEFAULT_KEEP_LABELS),
+                   help=f"comma-separated labels whose heads keep a full cache (default: {','.join(DEFAULT_KEEP_LABELS)})")
+    h.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES)
+    h.set_defaults(func=run_head_plan)
 
 
 def parse_size(text: str) -> int:
@@ -98,6 +116,30 @@ def run_kv_memory(args: argparse.Namespace) -> int:
     _print_table(headers, rows)
     for note in sorted(notes):
         print(note)
+    return 0
+
+
+def run_head_plan(args: argparse.Namespace) -> int:
+    from engine.head_plan import calibrate
+    from engine.head_stats import LABELS
+    from engine.kv_memory.quality import english_text
+    from engine.llm import DEFAULT_MODEL_DIR, LLM
+
+    keep = tuple(k.strip() for k in args.keep.split(",") if k.strip())
+    if not keep or any(k not in LABELS for k in keep):
+        raise ValueError(f"--keep takes labels from {', '.join(LABELS)}; got {args.keep!r}")
+    if args.tokens < 2:
+        raise ValueError("--tokens must be >= 2")
+    llm = LLM(args.model or DEFAULT_MODEL_DIR, dtype=args.dtype)
+    ids = llm.tokenizer.encode(args.text.read_text() if args.text else english_text())
+    ids = ids[: args.tokens] if args.text else ids[-args.tokens :]
+    plan = calibrate(llm, ids, keep)
+    plan.save(args.out)
+    c = llm.config
+    print(f"{len(ids)} calibration tokens; {plan.num_full} of {c.num_hidden_layers} x {c.num_key_value_heads} KV "
+          f"heads keep a full cache ({plan.full_fraction:.0%}): " + " ".join(
+              f"L{i}:{len(h)}" for i, h in enumerate(plan.full_kv_heads)))
+    print(f"wrote {args.out}")
     return 0
 
 

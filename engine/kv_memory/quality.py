@@ -12,6 +12,13 @@ from engine.llm import LLM
 from engine.sampling import SamplingParams
 
 
+def english_text() -> str:
+    """A fixed English text every Python install has: the language reference in `pydoc_data.topics`."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
 @dataclass(frozen=True)
 class Perplexity:
     value: float
