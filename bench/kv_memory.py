@@ -35,8 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import DEFAULT_MODEL, RESULTS, english_text, machine, print_table, write_json  # noqa: E402
 from engine import LLM, Session  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
-from engine.kv_memory.quality import Agreement, cached_compare, cached_perplexity, compare, greedy  # noqa: E402
-from engine.kv_memory.sizing import SizingRow, blocks_for, size  # noqa: E402
+from engine.head_plan import HeadPlan, calibrate, head_aware_blocks, head_aware_pools  # noqa: E402
+from engine.kv_cache import BlockManager, CacheConfig, KVCache  # noqa: E402
+from engine.kv_memory.quality import (Agreement, agreement, cached_compare, cached_perplexity, compare,  # noqa: E402
+                                      greedy)
+from engine.kv_memory.sizing import (SizingRow, blocks_for, formula_max_seqs, generated_seqs, size,  # noqa: E402
+                                     token_bytes)
+from engine.kv_memory.window_quality import fed, forced_agreement, greedy_tokens  # noqa: E402
+from engine.kv_policy import KVPolicy  # noqa: E402
 from engine.kv_memory.variants import convert_kv_heads, divisors, variant_config, variant_name  # noqa: E402
 from engine.llm import parse_dtype  # noqa: E402
 
@@ -60,6 +66,25 @@ class VariantResult:
     perplexity_tokens: int
     agreement: Agreement
     decode_tokens_per_s: dict[int, float]
+
+
+@dataclasses.dataclass
+class EvictionResult:
+    """One variant x cache dtype x eviction (bfloat16 model): memory at long contexts, quality under eviction."""
+
+    name: str
+    kv_heads: int
+    kv_cache_dtype: str  # "auto" = bfloat16
+    eviction: str  # "full", "sink-window" or "head-aware"
+    policy: str | None  # the sink + window kept (by every head, or by the head plan's window heads)
+    full_fraction: float  # of the KV heads, those with a full cache
+    bytes_per_token: int  # formula, full cache
+    seqs: dict[int, int]  # context -> sequences generated to it at once in the budget (measured, see docstring)
+    held_bytes: dict[int, int]  # context -> bytes one such sequence holds at its peak
+    seqs_formula: dict[int, int]  # context -> budget // (bytes per token x blocks of context), full cache
+    perplexity: float
+    perplexity_tokens: int
+    agreement: Agreement  # greedy (prefix, overall) and teacher-forced top-1, fed one token at a time
 
 
 @dataclasses.dataclass
@@ -196,6 +221,73 @@ def run_cache_quality(args, config: ModelConfig, kv_counts: list[int], workdir: 
     return sorted(results, key=lambda r: (-r.kv_heads, ["auto", *args.kv_cache_dtypes].index(r.kv_cache_dtype)))
 
 
+def eviction_sizing(config: ModelConfig, kind: str, eviction: str, policy: KVPolicy, plan: HeadPlan | None,
+                    budget: int, context: int) -> tuple[int, int]:
+    """(sequences, bytes each) for sequences generated to `context` tokens together in `budget` bytes, through
+    pools sized by the engine's own code on the meta device. Head-aware pools are sized for the number of
+    sequences that fits best (the window pool keeps a window per sequence: `max_num_seqs` decides its size)."""
+    cache = CacheConfig(kv_cache_memory=budget, kv_cache_dtype=kind)
+    if eviction != "head-aware":
+        blocks = BlockManager(KVCache(config, cache, torch.bfloat16, "meta"), enable_prefix_caching=False)
+        return generated_seqs(blocks, context, policy if eviction == "sink-window" else None)
+    full_blocks = blocks_for(context, cache.block_size)
+
+    def fits(n: int) -> int:  # sequences that both pools hold when sized for n
+        num_full, _ = head_aware_pools(config, cache, torch.bfloat16, plan, policy, n, context)
+        return min(num_full // full_blocks, n)
+
+    best = max(range(1, budget // (full_blocks * cache.block_size) + 2), key=fits)
+    return generated_seqs(head_aware_blocks(config, cache, torch.bfloat16, "meta", plan, policy, best, context),
+                          context)
+
+
+def run_eviction(args, config: ModelConfig, kv_counts: list[int], workdir: Path) -> list[EvictionResult]:
+    """Every variant x cache dtype x {full, sink + window, head-aware}, a bfloat16 model, one loaded at a time.
+
+    Quality is measured where eviction acts: `--eviction-tokens` of text after a prefill of sink + window
+    tokens, each fed alone (a decode step), and 128 greedy tokens after text prompts of 512 tokens (longer
+    than the window, so the first step already evicts), against the original model with a full bfloat16 cache.
+    Each variant's head plan is calibrated on the text's last 1024 tokens, which nothing here scores."""
+    from engine.tokenizer import Tokenizer
+
+    dirs = prepare(args, config, kv_counts, workdir)
+    text = Tokenizer.from_dir(args.model).encode(english_text())
+    policy, prefill = KVPolicy(args.sink, args.window), args.sink + args.window
+    token_ids = text[: prefill + args.eviction_tokens]
+    prompts = [text[len(token_ids) + i * 512 : len(token_ids) + (i + 1) * 512] for i in range(args.prompts)]
+    pool = blocks_for(prefill + args.eviction_tokens, 16) + args.prompts * blocks_for(512 + args.agree_tokens, 16)
+    reference, results = None, []
+    for name, d in dirs.items():
+        plan = calibrate(LLM(d, dtype="bfloat16", num_blocks=max(pool, blocks_for(1024, 16))), text[-1024:])
+        vcfg = ModelConfig.from_dir(d)
+        for kind in ["auto", *args.kv_cache_dtypes[:1]]:
+            for eviction in ("full", "sink-window", "head-aware"):
+                t = time.perf_counter()
+                aware = {"kv_policy": policy, "head_plan": plan} if eviction == "head-aware" else {}
+                llm = LLM(d, dtype="bfloat16", kv_cache_dtype=kind, num_blocks=pool, **aware)
+                own = policy if eviction == "sink-window" else None  # head-aware: the engine's, not a request's
+                if reference is None:  # the original (first), full bfloat16 cache
+                    reference = greedy_tokens(llm, prompts, args.agree_tokens, None)
+                nll, _ = fed(llm, token_ids, prefill, own)
+                prefix, overall = agreement(reference, greedy_tokens(llm, prompts, args.agree_tokens, own))
+                agree = Agreement(prefix, overall, forced_agreement(llm, prompts, reference, own))
+                sized = {c: eviction_sizing(vcfg, kind, eviction, policy, plan, args.budget, c)
+                         for c in args.eviction_contexts}
+                fraction = plan.full_fraction if eviction == "head-aware" else float(eviction == "full")
+                result = EvictionResult(
+                    name, vcfg.num_key_value_heads, kind, eviction, None if eviction == "full" else str(policy),
+                    fraction, llm.kv_cache.bytes_per_token if eviction != "head-aware" else
+                    token_bytes(vcfg, torch.bfloat16, kind), {c: v[0] for c, v in sized.items()},
+                    {c: v[1] for c, v in sized.items()},
+                    {c: formula_max_seqs(vcfg, torch.bfloat16, 16, args.budget, c, kind) for c in sized},
+                    math.exp(sum(nll) / len(nll)), len(nll), agree)
+                print(f"{name} {kind} {eviction}: perplexity {result.perplexity:.3f}, {agree}, seqs {result.seqs} "
+                      f"({time.perf_counter() - t:.0f}s)", flush=True)
+                results.append(result)
+                del llm
+    return results
+
+
 def run_sizing(args, config: ModelConfig, kv_counts: list[int]) -> list[SizingRow]:
     """Each dtype with its own cache, then the 8-bit caches (with the last dtype as the model's)."""
     kinds = [(dtype, "auto") for dtype in args.dtypes] + [(args.dtypes[-1], k) for k in args.kv_cache_dtypes]
@@ -266,7 +358,40 @@ def markdown(payload: dict) -> str:
                          f"{g['forced_top1']:.3f} | " + " | ".join(
                              f"{v['decode_tokens_per_s'][str(c)]:.2f}" for c in sc) + " |")
     lines += cache_table(payload)
+    lines += eviction_table(payload)
     return "\n".join(lines) + "\n"
+
+
+def eviction_table(payload: dict) -> list[str]:
+    """Variant x cache dtype x eviction: bytes and sequences at long contexts, quality where eviction acts."""
+    rows, s = payload.get("eviction") or [], payload["settings"]
+    if not rows:
+        return []
+    ctx = sorted(int(c) for c in rows[0]["seqs"])
+    lines = ["", "## Eviction: full cache, sink + window, head-aware (a bfloat16 model)", "",
+             f"Sink + window keeps {rows[1]['policy'] or ''} for every head; head-aware keeps it for the KV heads "
+             "the head plan leaves to the window and a full cache for the rest (`full heads`). Sequences: "
+             f"generated to the context together in {s['budget'] / 2**30:g} GiB, each pool's blocks over the "
+             "blocks one sequence held at its peak (grown token by token through the BlockManager, pools sized by "
+             "the engine's code; formula: the full cache). Perplexity over "
+             f"{rows[0]['perplexity_tokens']} tokens of `english_text()` after a {s['sink'] + s['window']}-token "
+             f"prefill, each fed alone; agreement over {s['agree_tokens']} greedy tokens after {s['prompts']} text "
+             "prompts of 512 tokens, against the original model with a full bfloat16 cache, and teacher-forced "
+             "(its tokens fed one at a time).", "",
+             "| variant | cache | eviction | full heads | "
+             + " | ".join(f"MiB/seq @ {c} | seqs @ {c} (formula)" for c in ctx)
+             + " | perplexity | agree until 1st diff | agree overall | forced top-1 |",
+             "|---|---|---|---:|" + "---:|---:|" * len(ctx) + "---:|---:|---:|---:|"]
+    for r in rows:
+        g = r["agreement"]
+        cells = []
+        for c in ctx:
+            cells += [f"{r['held_bytes'][str(c)] / MIB:.1f}", f"{r['seqs'][str(c)]} ({r['seqs_formula'][str(c)]})"]
+        label = "bfloat16" if r["kv_cache_dtype"] == "auto" else r["kv_cache_dtype"]
+        lines.append(f"| {r['name']} | {label} | {r['eviction']} | {r['full_fraction']:.0%} | "
+                     + " | ".join(cells)
+                     + f" | {r['perplexity']:.3f} | {g['prefix']:.3f} | {g['overall']:.3f} | {g['forced_top1']:.3f} |")
+    return lines
 
 
 def cache_table(payload: dict) -> list[str]:
@@ -305,8 +430,9 @@ def plot(payload: dict, path: Path) -> Path | None:
         print("matplotlib is not installed: skipping the plot (`make setup` installs it in a checkout; "
               "elsewhere pip install 'kvmini[plot]' or matplotlib)")
         return None
-    s, rows = payload["settings"], payload["sizing"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    s, rows, eviction = payload["settings"], payload["sizing"], payload.get("eviction") or []
+    fig, axes = plt.subplots(1, 3 if eviction else 2, figsize=(15 if eviction else 10, 3.8))
+    left, right = axes[0], axes[1]
     names = list(dict.fromkeys(r["name"] for r in rows))
     color = {name: f"C{i}" for i, name in enumerate(names)}  # one colour per variant, one line style per dtype
     styles = dict(zip(dict.fromkeys(cache_label(r) for r in rows), ["-", "--", ":", "-."]))  # one per cache kind
@@ -332,10 +458,29 @@ def plot(payload: dict, path: Path) -> Path | None:
               title=f"Max concurrent sequences, {s['budget'] / 2**30:g} GiB {s['dtypes'][0]}")
     right.legend(fontsize=7)
     right.grid(alpha=0.3, axis="y")
+    if eviction:
+        plot_eviction(axes[2], eviction, color, s)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def plot_eviction(ax, rows: list[dict], color: dict, s: dict) -> None:
+    """Memory against quality: sequences in the budget at the longest context, perplexity under eviction."""
+    ctx = str(max(int(c) for c in rows[0]["seqs"]))
+    markers = {"full": "o", "sink-window": "s", "head-aware": "^"}
+    for r in rows:
+        filled = r["kv_cache_dtype"] == "auto"
+        ax.scatter(r["seqs"][ctx], r["perplexity"], marker=markers[r["eviction"]], s=40,
+                   facecolors=color.get(r["name"], "k") if filled else "none", edgecolors=color.get(r["name"], "k"))
+    for name, marker in markers.items():
+        ax.scatter([], [], marker=marker, color="grey", label=name)
+    ax.scatter([], [], marker="o", facecolors="none", edgecolors="grey", label="int8 cache (hollow)")
+    ax.set(xscale="log", yscale="log", xlabel=f"sequences of {ctx} tokens in {s['budget'] / 2**30:g} GiB",
+           ylabel="perplexity (lower is better)", title="Eviction: memory vs quality (bfloat16 model)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
 
 
 def main() -> None:
@@ -345,8 +490,8 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--kv-cache-dtypes", nargs="*", default=["int8", "fp8_e4m3"],
                     help="8-bit caches sized (with the last --dtypes as the model's) and measured (bfloat16 model)")
-    ap.add_argument("--sections", nargs="+", default=["sizing", "quality", "cache"],
-                    choices=["sizing", "quality", "cache"],
+    ap.add_argument("--sections", nargs="+", default=["sizing", "quality", "cache", "eviction"],
+                    choices=["sizing", "quality", "cache", "eviction"],
                     help="what to run; the others keep their results from the last kv_memory.json")
     ap.add_argument("--contexts", type=int, nargs="+", default=[256, 512, 1000, 1024, 2048, 4096, 8192])
     ap.add_argument("--budget", type=int, default=2**30, help="bytes (default 1 GiB)")
@@ -356,6 +501,10 @@ def main() -> None:
     ap.add_argument("--ppl-windows", type=int, default=2,
                     help="text windows scored for perplexity, each as long as the long speed context")
     ap.add_argument("--agree-tokens", type=int, default=128)
+    ap.add_argument("--sink", type=int, default=4, help="eviction table: sink tokens kept")
+    ap.add_argument("--window", type=int, default=252, help="eviction table: window tokens kept")
+    ap.add_argument("--eviction-tokens", type=int, default=1024, help="eviction table: tokens scored for perplexity")
+    ap.add_argument("--eviction-contexts", type=int, nargs="+", default=[2048, 8192])
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--skip-quality", action="store_true", help="sizing only (no weights are run)")
     ap.add_argument("--variants-dir", type=Path, help="keep the converted checkpoints here (default: a temp dir)")
@@ -378,15 +527,18 @@ def main() -> None:
     for kv in kv_counts:
         variant_config(config, kv)  # fail fast on a bad count
     previous = json.loads((RESULTS / "kv_memory.json").read_text()) if (RESULTS / "kv_memory.json").is_file() else {}
-    sections = set(args.sections) - ({"quality", "cache"} if args.skip_quality else set())
+    sections = set(args.sections) - ({"quality", "cache", "eviction"} if args.skip_quality else set())
     sizing = run_sizing(args, config, kv_counts) if "sizing" in sections else previous.get("sizing", [])
     print(f"sizing done in {time.perf_counter() - start:.0f}s")
     quality, cache = previous.get("quality", []), previous.get("cache_quality", [])
+    eviction = previous.get("eviction", [])
     with tempfile.TemporaryDirectory(prefix="kv_variants_") as tmp:
         if "quality" in sections:
             quality = run_quality(args, config, kv_counts, args.variants_dir or Path(tmp))
         if "cache" in sections:
             cache = run_cache_quality(args, config, kv_counts, args.variants_dir or Path(tmp))
+        if "eviction" in sections:
+            eviction = run_eviction(args, config, kv_counts, args.variants_dir or Path(tmp))
 
     payload = {
         "benchmark": "kv_memory",
@@ -397,6 +549,7 @@ def main() -> None:
         "sizing": [dataclasses.asdict(r) | {"exact": r.exact} if isinstance(r, SizingRow) else r for r in sizing],
         "quality": [dataclasses.asdict(v) if isinstance(v, VariantResult) else v for v in quality],
         "cache_quality": [dataclasses.asdict(v) if isinstance(v, CacheResult) else v for v in cache],
+        "eviction": [dataclasses.asdict(v) if isinstance(v, EvictionResult) else v for v in eviction],
         "runtime_s": time.perf_counter() - start,
     }
     payload = _json_keys(payload)

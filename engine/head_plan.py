@@ -166,25 +166,22 @@ class WindowTier:
     splits: list[HeadSplit]
 
 
-def head_aware_blocks(config: ModelConfig, cache: CacheConfig, dtype: torch.dtype, device, plan: HeadPlan,
-                      policy: KVPolicy, max_num_seqs: int, max_model_len: int) -> BlockManager:
-    """A BlockManager over the full heads' pool whose `window` tier holds the window heads' pool.
+def head_aware_pools(config: ModelConfig, cache: CacheConfig, dtype: torch.dtype, plan: HeadPlan, policy: KVPolicy,
+                     max_num_seqs: int, max_model_len: int) -> tuple[int, int]:
+    """Blocks of the full heads' pool and of the window heads' pool, from the cache's budget.
 
     The full pool grows with every sequence; a decoding sequence holds at most `policy.max_blocks` window
     blocks, but a prompt (and a preempted sequence's recompute) is prefilled with full attention in both pools.
     So the window pool gets room for one sequence of `max_model_len` tokens plus a window for each of
     `max_num_seqs` sequences (never more blocks than the full pool), and the full pool the rest of the budget
-    (`cache.num_blocks`, when given, sizes the full pool). Prefix caching is off: K/V computed after an
-    eviction differ from a full cache's."""
+    (`cache.num_blocks`, when given, sizes the full pool)."""
     plan.check(config)
     if plan.num_full == 0:
         raise ValueError("the head plan keeps no KV head's full cache: use kv_policy alone for sink + window "
                          "eviction of every head")
     bs = cache.block_size
-    full = [len(h) for h in plan.full_kv_heads]
-    window = [config.num_key_value_heads - n for n in full]
-    full_block = kv_bytes_per_token(config, cache, dtype, full) * bs
-    window_block = kv_bytes_per_token(config, cache, dtype, window) * bs
+    full_block = kv_bytes_per_token(config, cache, dtype, plan_heads(plan, full=True)) * bs
+    window_block = kv_bytes_per_token(config, cache, dtype, plan_heads(plan, full=False)) * bs
     window_need = -(-max_model_len // bs) + max_num_seqs * policy.max_blocks(bs)
     if cache.num_blocks is not None:
         num_full = cache.num_blocks
@@ -195,10 +192,22 @@ def head_aware_blocks(config: ModelConfig, cache: CacheConfig, dtype: torch.dtyp
     if num_full < 1:
         raise ValueError(f"kv_cache_memory={cache.budget} bytes is smaller than one block of both pools "
                          f"({full_block + window_block} bytes)")
-    num_window = min(num_full, window_need)
-    splits = [HeadSplit.for_layer(plan, layer, config.num_attention_heads // config.num_key_value_heads, device)
-              for layer in range(config.num_hidden_layers)]
-    window_pool = KVCache(config, cache, dtype, device, window, num_window)
+    return num_full, min(num_full, window_need)
+
+
+def plan_heads(plan: HeadPlan, full: bool) -> list[int]:
+    """KV heads per layer of the full pool (or of the window pool)."""
+    return [len(h) if full else plan.num_kv_heads - len(h) for h in plan.full_kv_heads]
+
+
+def head_aware_blocks(config: ModelConfig, cache: CacheConfig, dtype: torch.dtype, device, plan: HeadPlan,
+                      policy: KVPolicy, max_num_seqs: int, max_model_len: int) -> BlockManager:
+    """A BlockManager over the full heads' pool whose `window` tier holds the window heads' pool (sized by
+    `head_aware_pools`). Prefix caching is off: K/V computed after an eviction differ from a full cache's."""
+    num_full, num_window = head_aware_pools(config, cache, dtype, plan, policy, max_num_seqs, max_model_len)
+    group = config.num_attention_heads // config.num_key_value_heads
+    splits = [HeadSplit.for_layer(plan, layer, group, device) for layer in range(config.num_hidden_layers)]
+    window_pool = KVCache(config, cache, dtype, device, plan_heads(plan, full=False), num_window)
     tier = WindowTier(BlockManager(window_pool, enable_prefix_caching=False), policy, splits)
-    return BlockManager(KVCache(config, cache, dtype, device, full, num_full), enable_prefix_caching=False,
-                        window=tier)
+    full_pool = KVCache(config, cache, dtype, device, plan_heads(plan, full=True), num_full)
+    return BlockManager(full_pool, enable_prefix_caching=False, window=tier)

@@ -179,3 +179,45 @@ def test_cli_plans_and_generates_with_the_plan(tiny, tmp_path, capsys):
                    "none", "--head-plan", str(plan_path), "--kv-policy", "sink_window:4:8"]) == 0
     assert kvmini(["head-plan", str(tiny[0]), "--out", str(plan_path), "--keep", "nonsense"]) != 0
     assert "--keep takes labels" in capsys.readouterr().err
+
+
+# ---- sizing (bench/kv_memory.py's eviction table) ----------------------------------------------------------
+
+
+def test_sequences_generated_to_a_context_follow_the_blocks_they_hold():
+    from engine.head_plan import head_aware_blocks, head_aware_pools
+    from engine.kv_cache import BlockManager, CacheConfig, KVCache
+    from engine.kv_memory.sizing import generated_seqs, peak_blocks, synthetic_config
+
+    config = synthetic_config(layers=2, heads=4, kv_heads=2, head_dim=8)  # 2 x 2 x 2 x 8 x 4 = 256 B/token
+    cache = CacheConfig(block_size=BLOCK, kv_cache_memory=64 * 2**10, kv_cache_dtype="auto")
+    blocks = BlockManager(KVCache(config, cache, torch.float32, "meta"), enable_prefix_caching=False)
+    assert peak_blocks(blocks, 100) == (25, 0)
+    assert peak_blocks(blocks, 100, POLICY) == (POLICY.max_blocks(BLOCK), 0)  # 1 sink + 2 window + 1
+    assert generated_seqs(blocks, 100) == (64 // 25, 25 * 1024)
+    assert generated_seqs(blocks, 100, POLICY)[0] == 64 // 4
+    # Head-aware: half the KV heads full; the window pool sized for 2 windows and one 100-token prefill.
+    aware = head_aware_blocks(config, cache, torch.float32, "meta", SAME_PLAN, POLICY, 2, 100)
+    assert head_aware_pools(config, cache, torch.float32, SAME_PLAN, POLICY, 2, 100) == (
+        aware.kv_cache.num_blocks, aware.window.blocks.kv_cache.num_blocks) == (128 - 33, 33)
+    assert peak_blocks(aware, 100) == (25, 4)
+    assert generated_seqs(aware, 100) == (95 // 25, 25 * 512 + 4 * 512)
+    assert blocks.allocator.num_used == aware.allocator.num_used == aware.window.blocks.allocator.num_used == 0
+
+
+def test_server_runs_a_head_aware_engine(tiny):
+    httpx = pytest.importorskip("httpx")
+    from live_server import LiveServer
+    from server import ServerSettings, create_app
+
+    llm = head_aware(tiny)
+    with LiveServer(create_app(llm, ServerSettings())) as live, httpx.Client(base_url=live.url, timeout=120) as http:
+        body = {"prompt": prompt(10), "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 40
+        r = http.post("/v1/completions", json={**body, "kv_policy": "sink_window:4:8"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "kv_policy"
+        r = http.post("/generate", json={"prompt": "hi", "attention": {"layers": [0]}, "stream": False})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "attention"
+        assert "kvmini_requests_running" in http.get("/metrics").text
+    assert llm.blocks.allocator.num_used == llm.blocks.window.blocks.allocator.num_used == 0

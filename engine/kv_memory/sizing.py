@@ -27,6 +27,7 @@ from engine.engine import LLMEngine
 from engine.errors import CacheFullError
 from engine.kv_cache import BlockManager, BlockTable, CacheConfig, KVCache, kv_bytes_per_token
 from engine.kv_memory.variants import variant_name
+from engine.kv_policy import KVPolicy
 from engine.runner import ModelRunner
 from engine.sampling import SamplingParams
 from engine.scheduler import SchedulerConfig
@@ -303,3 +304,43 @@ def size(
             row.max_seqs_formula[c] = formula_max_seqs(config, dtype, block_size, budget, c, kvd)
             row.max_seqs_admitted[c] = count_admitted(engine, c)
     return row
+
+
+# ---- with eviction: sequences that grow by generation -------------------------------------------------------
+
+
+def peak_blocks(blocks: BlockManager, context: int, policy: KVPolicy | None = None,
+                prompt_len: int = 16) -> tuple[int, int]:
+    """The most blocks one sequence holds in the pool and in the window pool (0 without head-aware eviction)
+    while it grows to `context` tokens: a `prompt_len`-token prompt, then one token per step, reserved and
+    evicted by the BlockManager as the scheduler does (a kv_policy's eviction, head-aware eviction's)."""
+    table = BlockTable()
+    blocks.reserve(table, prompt_len)
+    blocks.commit(table, [], prompt_len)
+
+    def held() -> tuple[int, int]:
+        return len(table.live_blocks), len(table.window.live_blocks) if table.window is not None else 0
+
+    peak = held()
+    for num_tokens in range(prompt_len + 1, context + 1):  # a decode step: the newest token is the last
+        blocks.evict_window(table, num_tokens)
+        if policy is not None:
+            blocks.evict(table, policy, num_tokens)
+        blocks.reserve(table, num_tokens)
+        blocks.commit(table, [], num_tokens)
+        peak = max(peak[0], held()[0]), max(peak[1], held()[1])
+    blocks.release(table)
+    return peak
+
+
+def generated_seqs(blocks: BlockManager, context: int, policy: KVPolicy | None = None) -> tuple[int, int]:
+    """(sequences, bytes each) for sequences generated to `context` tokens at once: each pool's blocks over
+    the blocks one sequence held at its peak (`peak_blocks`), the smaller of the two pools' counts."""
+    full, window = peak_blocks(blocks, context, policy)
+    seqs = blocks.kv_cache.num_blocks // full
+    held = full * blocks.kv_cache.bytes_per_block
+    if blocks.window is not None:
+        pool = blocks.window.blocks.kv_cache
+        seqs = min(seqs, pool.num_blocks // window)
+        held += window * pool.bytes_per_block
+    return seqs, held

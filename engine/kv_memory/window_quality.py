@@ -34,11 +34,35 @@ class WindowQuality:
     greedy_seconds: float | None = None
 
 
+def fed(llm: LLM, token_ids: list[int], prefill: int, policy: KVPolicy | None) -> tuple[list[float], list[int]]:
+    """Negative log-likelihood of each token after the first `prefill`, fed one at a time, and the model's
+    argmax before each (its greedy choice there). With a head-aware engine (`LLM(head_plan=...)`) the engine's
+    eviction applies and `policy` must be None."""
+    params = SamplingParams(temperature=0.0, kv_policy=policy)
+    nll, argmax = [], []
+    with llm.session(token_ids[:prefill], params=params) as s:
+        for t in token_ids[prefill:]:
+            step = s.feed([t])[0]
+            nll.append(-step.logprobs.logprob)
+            argmax.append(int(step.logits.argmax()))
+    return nll, argmax
+
+
 def fed_nll(llm: LLM, token_ids: list[int], prefill: int, policy: KVPolicy | None) -> list[float]:
     """Negative log-likelihood of each token after the first `prefill`, fed one at a time."""
-    params = SamplingParams(temperature=0.0, kv_policy=policy)
-    with llm.session(token_ids[:prefill], params=params) as s:
-        return [-s.feed([t])[0].logprobs.logprob for t in token_ids[prefill:]]
+    return fed(llm, token_ids, prefill, policy)[0]
+
+
+def forced_agreement(llm: LLM, prompts: list[list[int]], reference: list[list[int]],
+                     policy: KVPolicy | None) -> float:
+    """Teacher-forced greedy agreement: each reference token fed after its prompt, one at a time (so every
+    prediction is a decode step reading what eviction kept); the fraction the model's argmax matches."""
+    hits = total = 0
+    for prompt, ref in zip(prompts, reference, strict=True):
+        _, argmax = fed(llm, prompt + ref, len(prompt), policy)
+        hits += sum(a == r for a, r in zip(argmax, ref, strict=True))
+        total += len(ref)
+    return hits / total
 
 
 def window_perplexity(llm: LLM, token_ids: list[int], prefill: int,
