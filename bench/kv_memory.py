@@ -466,19 +466,24 @@ def plot(payload: dict, path: Path) -> Path | None:
     return path
 
 
+OFF_SCALE_PERPLEXITY = 100  # variants this broken (mean-pooled MQA: ~15,000) would flatten the others' points
+
+
 def plot_eviction(ax, rows: list[dict], color: dict, s: dict) -> None:
     """Memory against quality: sequences in the budget at the longest context, perplexity under eviction."""
     ctx = str(max(int(c) for c in rows[0]["seqs"]))
     markers = {"full": "o", "sink-window": "s", "head-aware": "^"}
-    for r in rows:
+    off_scale = sorted({r["name"] for r in rows if r["perplexity"] > OFF_SCALE_PERPLEXITY})
+    for r in (r for r in rows if r["name"] not in off_scale):
         filled = r["kv_cache_dtype"] == "auto"
         ax.scatter(r["seqs"][ctx], r["perplexity"], marker=markers[r["eviction"]], s=40,
                    facecolors=color.get(r["name"], "k") if filled else "none", edgecolors=color.get(r["name"], "k"))
     for name, marker in markers.items():
         ax.scatter([], [], marker=marker, color="grey", label=name)
     ax.scatter([], [], marker="o", facecolors="none", edgecolors="grey", label="int8 cache (hollow)")
-    ax.set(xscale="log", yscale="log", xlabel=f"sequences of {ctx} tokens in {s['budget'] / 2**30:g} GiB",
-           ylabel="perplexity (lower is better)", title="Eviction: memory vs quality (bfloat16 model)")
+    ax.set(xscale="log", xlabel=f"sequences of {ctx} tokens in {s['budget'] / 2**30:g} GiB",
+           ylabel="perplexity (lower is better)", title="Eviction: memory vs quality (bfloat16 model)"
+           + (f"\n{', '.join(off_scale)}: perplexity > {OFF_SCALE_PERPLEXITY}, not shown" if off_scale else ""))
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, which="both")
 
