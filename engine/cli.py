@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
+        if args.func in (_generate, _serve) and (rank := _launched_rank()) is not None and rank > 0:
+            return _run_rank(args)
         return args.func(args) or 0
     except CheckpointError as e:
         print(f"kvmini: bad checkpoint: {e}", file=sys.stderr)
@@ -149,14 +152,37 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES,
                    help="what the KV cache stores: auto (the model's dtype), int8 or fp8_e4m3 (8 bits and a float16 "
                         "scale per token and KV head: about half of bfloat16's bytes)")
+    p.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
+                   help="split the model and its KV cache over N ranks (torch.distributed: gloo on CPU, NCCL on "
+                        "CUDA), started here; under torchrun, its WORLD_SIZE (default: 1, or torchrun's WORLD_SIZE)")
 
 
 def load_llm(args: argparse.Namespace, **engine_options):
     """The `LLM` the model options of `generate` and `serve` ask for (bad values raise ValueError)."""
     from engine.llm import LLM
 
+    size = args.tensor_parallel_size
+    if size is None:
+        size = int(os.environ["WORLD_SIZE"]) if _launched_rank() is not None else 1
     return LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
-               threads=args.threads, kv_cache_dtype=args.kv_cache_dtype, **engine_options)
+               threads=args.threads, kv_cache_dtype=args.kv_cache_dtype, tensor_parallel_size=size,
+               **engine_options)
+
+
+def _launched_rank() -> int | None:
+    """This process's rank when a launcher (torchrun) started several, else None."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    return int(os.environ["RANK"])
+
+
+def _run_rank(args: argparse.Namespace) -> int:
+    """A rank > 0 under torchrun: no engine, no server; it runs its shard of the model until rank 0 stops it
+    (rank 0 sends it the model directory and every loading option)."""
+    from engine.parallel.comm import Rendezvous
+    from engine.parallel.workers import run_worker
+
+    return run_worker(Rendezvous.from_env(), args.device.split(":")[0], args.threads)
 
 
 def _convert(args: argparse.Namespace) -> int:

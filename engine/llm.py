@@ -101,7 +101,9 @@ class LLM:
         self.config = ModelConfig.from_dir(self.model_dir)
         check_tensor_parallel(self.config, tensor_parallel_size)
         if threads is None and tensor_parallel_size > 1:
-            threads = max(1, torch.get_num_threads() // tensor_parallel_size)  # the ranks share this machine's cores
+            from engine.parallel.comm import default_threads  # torch.distributed only when asked for
+
+            threads = default_threads(tensor_parallel_size)  # the ranks share this machine's cores
         set_threads(threads)
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         self.engine_config = EngineConfig(

@@ -61,6 +61,12 @@ def num_joined(store: dist.TCPStore) -> int:
     return store.add(JOINED_KEY, 0)
 
 
+def default_threads(world_size: int) -> int:
+    """torch threads per rank when none are given: this machine's share (torch's default, one per physical
+    core, divided among the ranks here: torchrun's LOCAL_WORLD_SIZE, or all of them when self-started)."""
+    return max(1, torch.get_num_threads() // int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+
+
 def rank_device(device_type: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank) if device_type == "cuda" else torch.device(device_type)
 

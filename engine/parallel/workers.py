@@ -17,6 +17,7 @@ that will never come, so it is fatal too: the workers are killed rather than lef
 from __future__ import annotations
 
 import multiprocessing.connection
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -27,8 +28,8 @@ import torch.multiprocessing as mp
 
 from engine.config import ModelConfig
 from engine.errors import EngineDeadError
-from engine.parallel.comm import (LOAD_TIMEOUT, RANK0_TIMEOUT, Rendezvous, TensorParallel, host_store, join_group,
-                                  num_joined)
+from engine.parallel.comm import (LOAD_TIMEOUT, RANK0_TIMEOUT, Rendezvous, TensorParallel, default_threads,
+                                  host_store, join_group, num_joined)
 from engine.parallel.shard import RankSpec, load_rank
 from engine.parallel.step import STOP, join_captures, receive_step
 from engine.runner import run_step
@@ -168,13 +169,15 @@ class WorkerGroup:
 
 def worker_main(rv: Rendezvous, device_type: str, threads: int | None) -> None:
     """A spawned rank's process (its traceback, if any, goes to stderr and its exit code to rank 0)."""
+    # Ctrl-C in a terminal reaches the whole process group; rank 0 alone decides when the ranks stop (a
+    # draining server still needs them).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(run_worker(rv, device_type, threads))
 
 
 def run_worker(rv: Rendezvous, device_type: str = "cpu", threads: int | None = None) -> int:
     """Rank rv.rank > 0: join the group, load the shard rank 0 names, run steps until rank 0 says stop."""
-    if threads is not None:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads if threads is not None else default_threads(rv.world_size))
     tp = join_group(rv, device_type)
     try:
         spec: RankSpec = tp.broadcast_object()
