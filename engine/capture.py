@@ -337,7 +337,8 @@ class CaptureState:
     prefill_chunks: list[dict[int, torch.Tensor]] = field(default_factory=list)
     _span_index: torch.Tensor | None = field(default=None, repr=False)
 
-    def sink(self, num_layers: int, num_heads: int, num_rows: int, context: int, every_head: bool = False) -> CaptureSink:
+    def sink(self, num_layers: int, num_heads: int, num_rows: int, context: int,
+             every_head: bool = False) -> CaptureSink:
         return CaptureSink(self.spec, num_layers, num_heads, num_rows, context, self.value_norms, every_head)
 
     def keep_chunk(self, sink: CaptureSink) -> None:

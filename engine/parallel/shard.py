@@ -71,7 +71,8 @@ def rank_config(config: ModelConfig, size: int) -> ModelConfig:
                    vocab_size=vocab_rows(config.vocab_size, size))
 
 
-def shard_weights(tensors: dict[str, torch.Tensor], config: ModelConfig, rank: int, size: int) -> dict[str, torch.Tensor]:
+def shard_weights(tensors: dict[str, torch.Tensor], config: ModelConfig, rank: int,
+                  size: int) -> dict[str, torch.Tensor]:
     """Rank `rank`'s slice of every HF-named tensor (see the module docstring)."""
     if size == 1:
         return tensors
@@ -84,7 +85,8 @@ def _shard(name: str, t: torch.Tensor, config: ModelConfig, rank: int, size: int
     if name in VOCABULARY:
         rows = vocab_rows(config.vocab_size, size)
         part = t[rank * rows : (rank + 1) * rows]
-        return torch.cat([part, part.new_zeros(rows - part.shape[0], *part.shape[1:])]) if part.shape[0] < rows else part
+        padding = part.new_zeros(rows - part.shape[0], *part.shape[1:])
+        return torch.cat([part, padding]) if padding.shape[0] else part
     if projection in COLUMN_PARALLEL:  # q/k/v rows are whole heads in order, so equal chunks are whole heads
         return t.chunk(size, dim=0)[rank]
     if projection in ROW_PARALLEL:

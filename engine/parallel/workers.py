@@ -125,10 +125,11 @@ class WorkerGroup:
             raise EngineDeadError(self.failure)
 
     def _exited(self) -> str | None:
-        for rank, p in enumerate(self.processes, 1):
-            if p.exitcode is not None:
-                return f"tensor-parallel rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
-        return None
+        """Every rank that has exited (the one that died first may not be the lowest: the others then fail in
+        their collectives and exit too)."""
+        gone = [f"rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
+                for rank, p in enumerate(self.processes, 1) if p.exitcode is not None]
+        return f"tensor-parallel {', '.join(gone)}" if gone else None
 
     def _dead(self, error: BaseException | None, reason: str | None = None) -> None:
         if self.failure is not None:
@@ -138,7 +139,8 @@ class WorkerGroup:
             multiprocessing.connection.wait([p.sentinel for p in self.processes], timeout=REAP_WAIT_S)
             reason = self._exited()
         if reason is None:
-            reason = f"a tensor-parallel step failed half-way ({type(error).__name__}: {error}), so the ranks are out of step"
+            reason = (f"a tensor-parallel step failed half-way ({type(error).__name__}: {error}), so the ranks are "
+                      f"out of step")
         self.failure = f"{reason}; the engine cannot run any more (start a new one)"
         self.kill()
 
