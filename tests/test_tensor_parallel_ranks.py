@@ -95,6 +95,15 @@ def test_a_killed_rank_ends_the_engine_with_a_clear_error(three_kv_heads) -> Non
     with pytest.raises(EngineDeadError):  # and it stays dead
         llm.generate([[1, 2, 3]], GREEDY)
     assert_stopped([victim.pid, other.pid])  # the survivor was stopped too, not left waiting in a collective
+    # A server over it says so: /health and every new request answer 503 engine_dead.
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+
+    with TestClient(create_app(llm)) as http:
+        for response in (http.get("/health"), http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})):
+            assert response.status_code == 503, response.text
+            assert response.json()["error"]["code"] == "engine_dead" and "rank 2" in response.json()["error"]["message"]
     llm.close()
 
 

@@ -135,9 +135,11 @@ class WorkerGroup:
         if self.failure is not None:
             return
         if reason is None and self.processes:
-            # A rank that died shows up first as a closed connection; give its process a moment to be reaped.
-            multiprocessing.connection.wait([p.sentinel for p in self.processes], timeout=REAP_WAIT_S)
-            reason = self._exited()
+            # A rank that died shows up first as a closed connection; give its process a moment to be reaped
+            # (its socket closes before the kernel reports its exit, so poll rather than wait on its sentinel).
+            deadline = time.monotonic() + REAP_WAIT_S
+            while (reason := self._exited()) is None and time.monotonic() < deadline:
+                time.sleep(0.01)
         if reason is None:
             reason = (f"a tensor-parallel step failed half-way ({type(error).__name__}: {error}), so the ranks are "
                       f"out of step")
