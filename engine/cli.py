@@ -199,6 +199,7 @@ def _info(args: argparse.Namespace) -> int:
 
     from engine.checkpoint import check_checkpoint
     from engine.config import ModelConfig
+    from engine.parallel.shard import valid_sizes
     from engine.quant import weight_bytes_per_token
     from engine.tokenizer import Tokenizer
 
@@ -213,6 +214,7 @@ def _info(args: argparse.Namespace) -> int:
     print(f"parameters: {c.num_parameters():,}")
     print(f"attention: {c.num_attention_heads} query heads over {c.num_key_value_heads} KV heads "
           f"(group size {c.group_size}), head_dim {c.head_dim}")
+    print(f"tensor-parallel sizes: {', '.join(map(str, valid_sizes(c)))}")
     for name, nbytes in (("float32", 4), ("bfloat16/float16", 2)):
         print(f"KV cache per token ({name}): {c.kv_bytes_per_token(nbytes):,} bytes")
     for name, quantization, nbytes in (("float32", None, 4), ("bfloat16", None, 2), ("int8", "int8", 2),

@@ -28,6 +28,8 @@ import torch.multiprocessing as mp
 
 from engine.config import ModelConfig
 from engine.errors import EngineDeadError
+from engine.kv_cache import KVCache
+from engine.model import LlamaModel
 from engine.parallel.comm import (LOAD_TIMEOUT, RANK0_TIMEOUT, Rendezvous, TensorParallel, default_threads,
                                   host_store, join_group, num_joined)
 from engine.parallel.shard import RankSpec, load_rank
@@ -77,6 +79,7 @@ class WorkerGroup:
         except BaseException as e:
             exited = group._exited()
             group._dead(e, exited and f"{exited} while starting (its traceback is above)")
+            group.close()
             raise EngineDeadError(group.failure) from e
         return group
 
@@ -91,16 +94,18 @@ class WorkerGroup:
                 raise TimeoutError(f"the tensor-parallel ranks did not start within {timeout_s:g} s")
             multiprocessing.connection.wait([p.sentinel for p in self.processes], timeout=0.05)
 
-    def load(self, spec: RankSpec, config: ModelConfig):
-        """Every rank loads its shard of `spec` (rank 0's here, returned); returns when all are ready."""
+    def load(self, spec: RankSpec, config: ModelConfig) -> tuple[LlamaModel, KVCache]:
+        """Every rank loads its shard of `spec` (rank 0's here, returned); returns when all are ready. On any
+        failure (rank 0's own, such as a bad checkpoint, raised as it is) the group is ended."""
         try:
             with self.collective():
                 self.tp.broadcast_object(spec)
             model_and_cache = load_rank(spec, config, self.tp.device, self.tp)
             with self.collective():
                 dist.monitored_barrier(group=self.tp.cpu_group, timeout=LOAD_TIMEOUT, wait_all_ranks=True)
-        except BaseException:
-            self.kill()
+        except BaseException as e:
+            self._dead(e)
+            self.close()
             raise
         return model_and_cache
 
