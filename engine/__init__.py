@@ -1,7 +1,7 @@
 """kvmini: a small, readable inference engine for LLaMA-family models with a paged KV cache."""
 
 from engine.capture import AttentionCapture, Span, char_spans
-from engine.errors import CacheFullError, CheckpointError, RequestError, RequestTooLargeError
+from engine.errors import CacheFullError, CheckpointError, EngineDeadError, RequestError, RequestTooLargeError
 from engine.kv_policy import KVPolicy
 from engine.llm import LLM
 from engine.outputs import AttentionRows, RequestOutput, SpanMasses, TokenLogprob
@@ -15,6 +15,7 @@ __all__ = [
     "AttentionRows",
     "CacheFullError",
     "CheckpointError",
+    "EngineDeadError",
     "KVPolicy",
     "RequestError",
     "RequestOutput",

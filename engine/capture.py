@@ -173,10 +173,12 @@ class CaptureSink:
     """
 
     def __init__(self, spec: AttentionCapture, num_layers: int, num_heads: int, num_rows: int, context: int,
-                 value_norms: "ValueNorms | None" = None):
+                 value_norms: "ValueNorms | None" = None, every_head: bool = False):
         self.spec = spec
         self.layers = spec.layers or tuple(range(num_layers))
-        self.heads = spec.heads or tuple(range(num_heads))
+        # every_head: a tensor-parallel rank's sink keeps all of its own heads; `joined` picks spec.heads later.
+        self.wanted_heads = None if every_head else spec.heads
+        self.heads = self.wanted_heads or tuple(range(num_heads))
         self.slot = dict(zip(self.layers, range(len(self.layers))))
         self.num_rows, self.context = num_rows, context
         self.probs: torch.Tensor | None = None
@@ -200,8 +202,8 @@ class CaptureSink:
             self.scores = torch.full(shape, float("-inf"), dtype=torch.float32, device=device)
         if self.spec.value_norms:
             self.norms = torch.zeros(shape, dtype=torch.float32, device=device)
-        if self.spec.heads is not None:
-            self._head_index = torch.tensor(self.spec.heads, device=device)
+        if self.wanted_heads is not None:
+            self._head_index = torch.tensor(self.wanted_heads, device=device)
 
     def _select(self, x: torch.Tensor) -> torch.Tensor:
         return x if self._head_index is None else x.index_select(0, self._head_index)
@@ -257,6 +259,30 @@ class CaptureSink:
         if self.spec.prefill_matrix:
             self.matrices[layer] = probs.float().cpu()
 
+    # ---- tensor parallelism: each rank captures its own heads, rank 0 joins them (engine/parallel) ----------
+    def head_tensors(self) -> list[tuple[torch.Tensor, int]]:
+        """Every tensor with an entry per head, with the dimension that holds the heads, in a fixed order."""
+        parts = [(t, 1) for t in (self.probs, self.scores, self.norms) if t is not None]
+        return parts + [(self.matrices[layer], 0) for layer in sorted(self.matrices)]
+
+    def joined(self, num_heads: int, parts: list[torch.Tensor]) -> "CaptureSink":
+        """This (`every_head`) sink over all `num_heads` heads of the model: `parts` are `head_tensors()` joined
+        over every rank's heads in rank order; the requested heads are picked here, as one rank would have."""
+        full = copy.copy(self)
+        full.wanted_heads = self.spec.heads
+        full.heads = self.spec.heads or tuple(range(num_heads))
+        index = None if self.spec.heads is None else torch.tensor(self.spec.heads, device=parts[0].device)
+
+        def pick(t: torch.Tensor, dim: int) -> torch.Tensor:
+            return t if index is None else t.index_select(dim, index.to(t.device))
+
+        remaining = iter(parts)
+        for name in ("probs", "scores", "norms"):
+            if getattr(self, name) is not None:
+                setattr(full, name, pick(next(remaining), 1))
+        full.matrices = {layer: pick(next(remaining), 0).cpu() for layer in sorted(self.matrices)}
+        return full
+
 
 class ValueNorms:
     """`||v_j W_O^h||` for every key j and query head h of a layer: how far key j's value moves the residual
@@ -311,8 +337,9 @@ class CaptureState:
     prefill_chunks: list[dict[int, torch.Tensor]] = field(default_factory=list)
     _span_index: torch.Tensor | None = field(default=None, repr=False)
 
-    def sink(self, num_layers: int, num_heads: int, num_rows: int, context: int) -> CaptureSink:
-        return CaptureSink(self.spec, num_layers, num_heads, num_rows, context, self.value_norms)
+    def sink(self, num_layers: int, num_heads: int, num_rows: int, context: int,
+             every_head: bool = False) -> CaptureSink:
+        return CaptureSink(self.spec, num_layers, num_heads, num_rows, context, self.value_norms, every_head)
 
     def keep_chunk(self, sink: CaptureSink) -> None:
         """Keep a prompt chunk's matrices until the prompt's last chunk has run."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
+        if args.func in (_generate, _serve) and (rank := _launched_rank()) is not None and rank > 0:
+            return _run_rank(args)
         return args.func(args) or 0
     except CheckpointError as e:
         print(f"kvmini: bad checkpoint: {e}", file=sys.stderr)
@@ -150,15 +153,37 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-plan", type=Path, metavar="PLAN.json",
                    help="head-aware eviction: only the KV heads this plan (from `kvmini head-plan`) keeps have a full "
                         "cache; --kv-policy is then what every other head keeps")
+    p.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
+                   help="split the model and its KV cache over N ranks (torch.distributed: gloo on CPU, NCCL on "
+                        "CUDA), started here; under torchrun, its WORLD_SIZE (default: 1, or torchrun's WORLD_SIZE)")
 
 
 def load_llm(args: argparse.Namespace, **engine_options):
     """The `LLM` the model options of `generate` and `serve` ask for (bad values raise ValueError)."""
     from engine.llm import LLM
 
+    size = args.tensor_parallel_size
+    if size is None:
+        size = int(os.environ["WORLD_SIZE"]) if _launched_rank() is not None else 1
     return LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
                threads=args.threads, kv_cache_dtype=args.kv_cache_dtype, kv_policy=args.kv_policy,
-               head_plan=args.head_plan, **engine_options)
+               head_plan=args.head_plan, tensor_parallel_size=size, **engine_options)
+
+
+def _launched_rank() -> int | None:
+    """This process's rank when a launcher (torchrun) started several, else None."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    return int(os.environ["RANK"])
+
+
+def _run_rank(args: argparse.Namespace) -> int:
+    """A rank > 0 under torchrun: no engine, no server; it runs its shard of the model until rank 0 stops it
+    (rank 0 sends it the model directory and every loading option)."""
+    from engine.parallel.comm import Rendezvous
+    from engine.parallel.workers import run_worker
+
+    return run_worker(Rendezvous.from_env(), args.device.split(":")[0], args.threads)
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -175,6 +200,7 @@ def _info(args: argparse.Namespace) -> int:
 
     from engine.checkpoint import check_checkpoint
     from engine.config import ModelConfig
+    from engine.parallel.shard import valid_sizes
     from engine.quant import weight_bytes_per_token
     from engine.tokenizer import Tokenizer
 
@@ -189,6 +215,7 @@ def _info(args: argparse.Namespace) -> int:
     print(f"parameters: {c.num_parameters():,}")
     print(f"attention: {c.num_attention_heads} query heads over {c.num_key_value_heads} KV heads "
           f"(group size {c.group_size}), head_dim {c.head_dim}")
+    print(f"tensor-parallel sizes: {', '.join(map(str, valid_sizes(c)))}")
     for name, nbytes in (("float32", 4), ("bfloat16/float16", 2)):
         print(f"KV cache per token ({name}): {c.kv_bytes_per_token(nbytes):,} bytes")
     for name, quantization, nbytes in (("float32", None, 4), ("bfloat16", None, 2), ("int8", "int8", 2),

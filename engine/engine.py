@@ -11,7 +11,7 @@ import torch
 
 from engine.capture import AttentionCapture, CaptureSink, CaptureState, ValueNorms
 from engine.config import ModelConfig
-from engine.errors import RequestError
+from engine.errors import EngineDeadError, RequestError
 from engine.head_stats import HeadStats, separator_token_mask
 from engine.kv_policy import KVPolicy
 from engine.outputs import RequestOutput, TokenLogprob
@@ -170,6 +170,8 @@ class LLMEngine:
             return []
         try:
             computed = self._compute(work)
+        except EngineDeadError:
+            raise  # no request is to blame, and running them one by one cannot help
         except Exception as e:
             log.warning("a step of %d sequences failed (%s: %s); running each alone", len(work), type(e).__name__, e)
             return self._step_alone(work)
@@ -201,6 +203,8 @@ class LLMEngine:
                 continue
             try:
                 computed = self._compute([w])
+            except EngineDeadError:
+                raise
             except Exception as e:
                 outputs.append(self._fail(req, e))
                 continue

@@ -1,4 +1,4 @@
-"""Exception types the engine raises on bad input."""
+"""Exception types the engine raises: bad input, a full cache, an engine that can no longer run."""
 
 from __future__ import annotations
 
@@ -29,3 +29,8 @@ class RequestError(ValueError):
 
 class RequestTooLargeError(RequestError, CacheFullError):
     """The request needs more KV blocks than the whole pool has: it could never run."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine can no longer run: a tensor-parallel rank exited, or the ranks fell out of step (a forward
+    pass failed half-way through its collectives). Every later step raises it too; only a new engine helps."""

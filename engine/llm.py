@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -10,15 +11,14 @@ import torch
 from collections.abc import Iterator
 
 from engine.capture import AttentionCapture
-from engine.checkpoint import load_weights
 from engine.config import ModelConfig
 from engine.head_plan import HeadPlan, head_aware_blocks
-from engine.kv_cache import BlockManager, CacheConfig, KVCache
+from engine.kv_cache import BlockManager, CacheConfig, kv_bytes_per_token
 from engine.kv_policy import KVPolicy
-from engine.model import build_model
 from engine.engine import LLMEngine
 from engine.errors import RequestError
 from engine.outputs import RequestOutput
+from engine.parallel.shard import RankSpec, check_tensor_parallel, load_rank
 from engine.quant import parse_quantization
 from engine.runner import ModelRunner
 from engine.sampling import SamplingParams
@@ -66,10 +66,17 @@ class EngineConfig:
     quantization: str | None = None  # "int8" | "int4" | "auto" weight-only linear layers (engine/quant.py)
     kv_policy: KVPolicy | None = None  # default sink + window eviction for requests (engine/kv_policy.py)
     head_plan: HeadPlan | None = None  # head-aware eviction: kv_policy for the plan's window heads only
+    tensor_parallel_size: int = 1  # ranks the model is split over (engine/parallel); the pool is split too
 
 
 class LLM:
-    """Load an HF-format model directory and run it."""
+    """Load an HF-format model directory and run it.
+
+    With `tensor_parallel_size=N` the model is split over N ranks (engine/parallel): this process is rank 0
+    and starts the other N - 1 itself, or joins the group torchrun started. The whole KV pool
+    (`num_blocks`, `kv_cache_memory`) is split over the ranks, each holding its own KV heads; `threads`
+    is per rank (default: torch's thread count divided by N). `close()` stops the other ranks (so does
+    garbage collection, and interpreter exit)."""
 
     def __init__(
         self,
@@ -91,10 +98,16 @@ class LLM:
         threads: int | None = None,
         kv_policy: KVPolicy | str | None = None,
         head_plan: HeadPlan | str | Path | None = None,
+        tensor_parallel_size: int = 1,
     ):
-        set_threads(threads)
         self.model_dir = Path(model)
         self.config = ModelConfig.from_dir(self.model_dir)
+        check_tensor_parallel(self.config, tensor_parallel_size)
+        if threads is None and tensor_parallel_size > 1:
+            from engine.parallel.comm import default_threads  # torch.distributed only when asked for
+
+            threads = default_threads(tensor_parallel_size)  # the ranks share this machine's cores
+        set_threads(threads)
         self.tokenizer = Tokenizer.from_dir(self.model_dir)
         self.engine_config = EngineConfig(
             dtype=parse_dtype(dtype),
@@ -108,24 +121,38 @@ class LLM:
             quantization=parse_quantization(quantization, device),
             kv_policy=KVPolicy.coerce(kv_policy),
             head_plan=HeadPlan.coerce(head_plan),
+            tensor_parallel_size=tensor_parallel_size,
         )
         ec = self.engine_config
         if ec.head_plan is not None and ec.kv_policy is None:
             raise ValueError("head_plan needs kv_policy: the sink + window that the plan's window heads keep")
+        if ec.head_plan is not None and tensor_parallel_size > 1:
+            raise ValueError("head_plan (head-aware eviction) does not work with tensor_parallel_size > 1 yet")
         if max_model_len is not None and not 1 <= max_model_len <= self.config.max_position_embeddings:
             raise ValueError(f"max_model_len must be in [1, {self.config.max_position_embeddings}] (the model's "
                              f"max_position_embeddings), got {max_model_len}")
-        tensors = load_weights(self.model_dir, self.config, ec.dtype)
-        self.model = build_model(self.config, tensors, ec.dtype, ec.device, ec.pack_weights, ec.quantization)
-        del tensors
-        if ec.head_plan is None:
-            self.blocks = BlockManager(KVCache(self.config, ec.cache, ec.dtype, ec.device),
-                                       ec.cache.enable_prefix_caching)
-        else:
+        # The block count is the whole model's (every rank's pool has these blocks, of its own heads).
+        block_bytes = kv_bytes_per_token(self.config, ec.cache, ec.dtype) * ec.cache.block_size
+        spec = RankSpec(str(self.model_dir), ec.dtype, ec.pack_weights, ec.quantization,
+                        replace(ec.cache, num_blocks=ec.cache.resolve_num_blocks(block_bytes)))
+        self.workers = None
+        if tensor_parallel_size > 1:
+            from engine.parallel.workers import WorkerGroup  # torch.distributed only when asked for
+
+            self.workers = WorkerGroup.start(tensor_parallel_size, ec.device.type, threads)
+            self._finalizer = weakref.finalize(self, self.workers.close)
+            self.model, self.kv_cache = self.workers.load(spec, self.config)
+        elif ec.head_plan is None:
+            self.model, self.kv_cache = load_rank(spec, self.config, ec.device)
+        else:  # head-aware eviction: two pools, sized together (engine/head_plan.py)
+            self.model, _ = load_rank(replace(spec, cache=None), self.config, ec.device)
             self.blocks = head_aware_blocks(self.config, ec.cache, ec.dtype, ec.device, ec.head_plan, ec.kv_policy,
                                             max_num_seqs, self.max_model_len)
-        self.kv_cache = self.blocks.kv_cache  # with a head plan: the full heads' pool
-        self.runner = ModelRunner(self.model, self.kv_cache, self.blocks, ec.device)
+            self.kv_cache = self.blocks.kv_cache  # the full heads' pool
+        if ec.head_plan is None:
+            self.blocks = BlockManager(self.kv_cache, ec.cache.enable_prefix_caching)
+        device = self.workers.tp.device if self.workers is not None else ec.device
+        self.runner = ModelRunner(self.model, self.kv_cache, self.blocks, device, self.config, self.workers)
         self.engine = LLMEngine(
             self.runner,
             self.tokenizer,
@@ -138,6 +165,22 @@ class LLM:
     @property
     def max_model_len(self) -> int:
         return self.engine_config.max_model_len or self.config.max_position_embeddings
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine can no longer run (a tensor-parallel rank exited...), or None while it can."""
+        return self.workers.failure if self.workers is not None else None
+
+    def close(self) -> None:
+        """Stop the other tensor-parallel ranks (idempotent; a no-op with one rank)."""
+        if self.workers is not None:
+            self._finalizer()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """Float32 logits `[len(token_ids), vocab]` of a full prefill; the cache is not touched."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,9 @@ from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelConfig, RopeScaling
 from engine.packed_linear import PackedLinear, can_pack
 from engine.quant import quantize_linear
+
+if TYPE_CHECKING:
+    from engine.parallel.comm import TensorParallel
 
 LINEAR_NAMES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 ROPE_TABLE_START = 4096  # positions the RoPE table holds at load (it doubles when a longer sequence comes)
@@ -89,11 +93,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm attention + SwiGLU MLP; Q/K/V and gate/up are fused into one matmul each."""
+    """Pre-norm attention + SwiGLU MLP; Q/K/V and gate/up are fused into one matmul each.
+
+    Under tensor parallelism (engine/parallel) the layer holds one rank's slice: its query and KV heads and its
+    rows of gate/up (column-parallel), the matching input columns of o/down (row-parallel), whose partial sums
+    `tp.all_reduce` adds up over the ranks."""
 
     def __init__(self, c: ModelConfig, index: int):
         super().__init__()
         self.index = index
+        self.tp: TensorParallel | None = None  # set by engine.parallel.shard.attach
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
@@ -111,9 +120,15 @@ class DecoderLayer(nn.Module):
         q, k = qk[:, :h], qk[:, h:]
         v = qkv[:, (h + kvh) * d :].view(t, kvh, d)
         attn = paged_attention(q, k, v, k_pool, v_pool, meta, self.index, d**-0.5)
-        x = x + self.o_proj(attn)
+        out = self.o_proj(attn)
+        if self.tp is not None:
+            self.tp.all_reduce(out)
+        x = x + out
         gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
+        out = self.down_proj(F.silu(gate) * up)
+        if self.tp is not None:
+            self.tp.all_reduce(out)
+        return x + out
 
     __call__ = forward  # hot path (one call per layer per step): skip nn.Module's hook dispatch
 
@@ -127,6 +142,8 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rope: RopeTable | None = None  # built by `build_model` once the device and dtype are known
+        # Tensor parallelism: the embedding and the head hold this rank's rows of the vocabulary (engine/parallel).
+        self.tp: TensorParallel | None = None
 
     def forward(
         self,
@@ -139,7 +156,10 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """Hidden states `[T, hidden]` after the final norm for the flat batch of new tokens
         (`max_position`: the largest of `positions`, known to the caller without a device sync)."""
-        x = F.embedding(input_ids, self.embed_tokens.weight)
+        if self.tp is None:
+            x = F.embedding(input_ids, self.embed_tokens.weight)
+        else:
+            x = self.tp.embed(input_ids, self.embed_tokens.weight)
         cos, sin = self.rope.lookup(positions, max_position)
         for i, layer in enumerate(self.layers):
             kp = None if k_pools is None else k_pools[i]
@@ -147,10 +167,14 @@ class LlamaModel(nn.Module):
             x = layer(x, cos, sin, kp, vp, meta)
         return self.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """Float32 logits `[rows, vocab]`; under tensor parallelism every rank computes its vocabulary rows and
+        rank 0 gets them all (the other ranks get None)."""
         if self.lm_head is None:  # tied to the embedding
-            return F.linear(hidden, self.embed_tokens.weight).float()
-        return self.lm_head(hidden).float()
+            logits = F.linear(hidden, self.embed_tokens.weight).float()
+        else:
+            logits = self.lm_head(hidden).float()
+        return logits if self.tp is None else self.tp.gather_logits(logits)
 
     def replace_linears(self, make: Callable[[torch.Tensor, torch.Tensor | None], nn.Module], make_head=None) -> None:
         """Rebuild every linear layer with `make(weight, bias)` and the output head with `make_head(weight,

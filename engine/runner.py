@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.attention import (AttentionMetadata, DecodeBatch, PrefillSegment, SinkRotation, WindowAttention,
                               group_by_length)
 from engine.capture import CaptureSink
+from engine.config import ModelConfig
 from engine.kv_cache import EVICTED, BlockManager, BlockTable, KVCache
 from engine.kv_policy import KVPolicy
 from engine.model import LlamaModel
 from engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from engine.parallel.workers import WorkerGroup
 
 
 # Decode rows are attended in batches of similar length: a batch may carry this many padded key positions
@@ -50,12 +55,40 @@ class ForwardOutput:
     prompt_logits: list[tuple[Sequence, int, torch.Tensor]] = field(default_factory=list)
 
 
+@dataclass
+class StepInputs:
+    """One forward pass as every tensor-parallel rank runs it (`run_step`): built by rank 0's runner, sent as
+    is to the other ranks (engine/parallel/step.py)."""
+
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata
+    max_position: int
+    logit_rows: list[slice | list[int]]  # rows of the hidden states that get logits, one output head call each
+    use_cache: bool = True  # False: attention over the new tokens only, the pools untouched (`full_logits`)
+
+
+def run_step(model: LlamaModel, kv_cache: KVCache, step: StepInputs, sinks: list[CaptureSink]) -> list:
+    """The forward pass, the captured rows and the logits of `step.logit_rows` (None on ranks > 0)."""
+    pools = (kv_cache.k, kv_cache.v) if step.use_cache else (None, None)
+    hidden = model(step.input_ids, step.positions, step.meta, *pools, step.max_position)
+    for sink in sinks:
+        sink.finish()
+    return [model.compute_logits(hidden[rows]) for rows in step.logit_rows]
+
+
 class ModelRunner:
-    def __init__(self, model: LlamaModel, kv_cache: KVCache, blocks: BlockManager, device: torch.device):
+    """Turns scheduled sequences into a step and runs it: alone, or as rank 0 of tensor-parallel `workers`
+    (engine/parallel), whose model is this rank's shard (`config` is then the whole model's)."""
+
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, blocks: BlockManager, device: torch.device,
+                 config: ModelConfig | None = None, workers: WorkerGroup | None = None):
         self.model = model
         self.kv_cache = kv_cache
         self.blocks = blocks
         self.device = device
+        self.config = config or (model.config if model is not None else None)
+        self.workers = workers
 
     @torch.inference_mode()
     def run(self, work: list[ScheduledSeq]) -> ForwardOutput:
@@ -71,10 +104,10 @@ class ModelRunner:
             s, start = w.seq, w.seq.num_computed
             ids += s.token_ids[start : start + w.num_tokens]
             positions += range(start, start + w.num_tokens)
-        cfg = self.model.config
+        cfg = self.model.config  # under tensor parallelism, this rank's shard: its heads are captured here
         captures = {
             w.seq.seq_id: w.seq.capture.sink(cfg.num_hidden_layers, cfg.num_attention_heads, w.num_logits,
-                                             w.seq.num_computed + w.num_tokens)
+                                             w.seq.num_computed + w.num_tokens, every_head=self.workers is not None)
             for w in ordered if w.seq.capture is not None
         }
         meta = self._metadata(ordered, decode, prefill, captures, self.blocks)
@@ -82,29 +115,49 @@ class ModelRunner:
             pool = tier.blocks.kv_cache
             meta.window = WindowAttention(self._metadata(ordered, decode, prefill, {}, tier.blocks),
                                           pool.k, pool.v, tier.splits)
-        hidden = self.model(
-            self._tensor(ids), self._tensor(positions), meta, self.kv_cache.k, self.kv_cache.v, max(positions)
-        )
-        for sink in captures.values():
-            sink.finish()
-        rows, sampled, prompt_logits, row = [], [], [], 0
+        logit_rows, prompt_parts, sampled = self._logit_rows(ordered)
+        step = StepInputs(self._tensor(ids), self._tensor(positions), meta, max(positions), logit_rows)
+        logits, captures = self._execute(step, captures)
         for w in ordered:
-            if w.seq.prompt_logprobs is not None and w.seq.computes_whole_prompt:  # before commit moves num_computed
-                self._prompt_logits(w, hidden, row, prompt_logits)
-            row += w.num_tokens
             self.blocks.commit(w.seq.block_table, w.seq.token_ids, w.seq.num_computed + w.num_tokens)
-            if w.seq.num_computed == w.seq.num_tokens:
-                rows += range(row - w.num_logits, row)
-                sampled.append(w.seq)
-        logits = self.model.compute_logits(hidden[rows]) if rows else hidden.new_empty(0, 0).float()
-        return ForwardOutput(logits, sampled, captures, prompt_logits)
+        prompt_logits = [(seq, first, part) for (seq, first), part in zip(prompt_parts, logits)]
+        last = logits[-1] if sampled else torch.empty(0, 0, device=self.device)
+        return ForwardOutput(last, sampled, captures, prompt_logits)
 
-    def _prompt_logits(self, w: ScheduledSeq, hidden: torch.Tensor, row: int, out: list) -> None:
-        """Append the logits of this chunk's positions (from flat row `row`) whose next token is in the prompt."""
-        start = w.seq.num_computed
-        n = min(w.num_tokens, w.seq.num_prompt_tokens - 1 - start)
-        if n > 0:
-            out.append((w.seq, start + 1, self.model.compute_logits(hidden[row : row + n])))
+    def _logit_rows(self, ordered: list[ScheduledSeq]) -> tuple[list, list[tuple[Sequence, int]], list[Sequence]]:
+        """Which rows of the flat batch get logits: first each prompt-logprobs chunk's positions whose next token
+        is in the prompt (with the sequence and the first prompt position they score), then one row per
+        sampled logit of the sequences that reach their last token."""
+        logit_rows, prompt_parts, sampled, sample_rows, row = [], [], [], [], 0
+        for w in ordered:
+            start = w.seq.num_computed
+            if w.seq.prompt_logprobs is not None and w.seq.computes_whole_prompt:
+                n = min(w.num_tokens, w.seq.num_prompt_tokens - 1 - start)
+                if n > 0:
+                    logit_rows.append(slice(row, row + n))
+                    prompt_parts.append((w.seq, start + 1))
+            row += w.num_tokens
+            if w.reaches_end:
+                sample_rows += range(row - w.num_logits, row)
+                sampled.append(w.seq)
+        if sample_rows:
+            logit_rows.append(sample_rows)
+        return logit_rows, prompt_parts, sampled
+
+    def _execute(self, step: StepInputs, captures: dict[int, CaptureSink]) -> tuple[list, dict[int, CaptureSink]]:
+        """Run `step` here, or on every tensor-parallel rank: the other ranks get the step first, and the
+        captured heads of every rank are joined afterwards (engine/parallel/step.py)."""
+        sinks = list(captures.values())
+        if self.workers is None:
+            return run_step(self.model, self.kv_cache, step, sinks), captures
+        from engine.parallel.step import join_captures, send_step
+
+        tp = self.workers.tp
+        with self.workers.collective():
+            send_step(tp, step, sinks)
+            logits = run_step(self.model, self.kv_cache, step, sinks)
+            joined = join_captures(tp, sinks, self.config.num_attention_heads)
+        return logits, dict(zip(captures, joined))
 
     def _metadata(self, ordered: list[ScheduledSeq], decode: list[ScheduledSeq], prefill: list[ScheduledSeq],
                   captures: dict[int, CaptureSink], tier: BlockManager) -> AttentionMetadata:
@@ -206,7 +259,7 @@ class ModelRunner:
         """Logits at every position of one sequence, without touching the cache."""
         n = len(token_ids)
         meta = AttentionMetadata(slot_mapping=None, decode=[], prefills=[PrefillSegment(0, n, None)])
-        ids = self._tensor(token_ids)
-        hidden = self.model(ids, torch.arange(n, device=self.device), meta, None, None, n - 1)
-        return self.model.compute_logits(hidden)
+        step = StepInputs(self._tensor(token_ids), torch.arange(n, device=self.device), meta, n - 1, [slice(0, n)],
+                          use_cache=False)
+        return self._execute(step, {})[0][0]
 

@@ -104,7 +104,7 @@ class Session:
 
         All of them run in one forward pass (a prefill chunk), not one pass per token.
         """
-        token_ids = check_token_ids("token_ids", token_ids, self.runner.model.config.vocab_size)
+        token_ids = check_token_ids("token_ids", token_ids, self.runner.config.vocab_size)
         if not token_ids:
             return []
         self._check_open(len(token_ids))

@@ -19,7 +19,7 @@ from starlette.middleware.cors import CORSMiddleware
 from engine.llm import LLM
 from server import native_api, openai_api
 from server.engine_loop import EngineLoop
-from server.errors import install_handlers
+from server.errors import APIError, install_handlers
 from server.metrics import Metrics
 from server.middleware import GuardMiddleware
 from server.openapi import install_openapi
@@ -73,6 +73,8 @@ def create_app(llm: LLM, settings: ServerSettings | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if llm.failure is not None:  # e.g. a tensor-parallel rank exited: every request would fail
+            raise APIError(503, llm.failure, code="engine_dead")
         return {"status": "ok"}
 
     @app.get("/metrics")

@@ -76,10 +76,12 @@ def serve(args: argparse.Namespace) -> int:
     app = create_app(llm, settings)
     host = f"[{args.host}]" if ":" in args.host else args.host
     stats = llm.engine.stats()
+    ranks = llm.engine_config.tensor_parallel_size
     print(f"kvmini: serving {app.state.kvmini.model_name} at http://{host}:{args.port}/v1 "
           f"({int(stats['kv_blocks_total'])} KV blocks of {llm.blocks.block_size} tokens; "
           f"{str(llm.engine_config.dtype).removeprefix('torch.')}, KV cache {llm.kv_cache.kv_cache_dtype}, "
           f"linear layers: {describe(llm.model)}; "
+          f"{f'{ranks} tensor-parallel ranks of ' if ranks > 1 else ''}"
           f"{torch.get_num_threads()} threads{', API key required' if api_key else ''})", flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=getattr(args, "log_level", "info"),
                             timeout_graceful_shutdown=settings.shutdown_timeout + SHUTDOWN_GRACE_S)
@@ -90,6 +92,7 @@ def serve(args: argparse.Namespace) -> int:
         server.run()
     finally:
         signal.signal(signal.SIGTERM, previous)
+        llm.close()  # the other tensor-parallel ranks, if any
     return 0
 
 

@@ -172,6 +172,8 @@ class EngineLoop:
         the engine's `RequestError` if it refuses one (then none is added)."""
         if self.draining:
             raise APIError(503, "the server is shutting down", code="shutting_down")
+        if self.llm.failure is not None:  # e.g. a tensor-parallel rank exited: nothing can run any more
+            raise APIError(503, self.llm.failure, code="engine_dead")
         if self.queued() + len(subs) > self.max_waiting_requests:
             raise APIError(
                 429,

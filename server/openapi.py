@@ -10,7 +10,7 @@ the spec, built once, says:
   set: every route but `GET /health` and the page at `GET /`, also declared as the `bearerAuth` security scheme), 404
   (unknown `model`), 413 (request body over `max_request_bytes`), 429 (generation routes, with
   `Retry-After`), 500 (unexpected failures; engine failures on generation routes), 503 (generation
-  routes, while the server drains on shutdown);
+  routes, while the server drains on shutdown; they and `GET /health` once the engine is dead);
 * the success bodies (`application/json`), and next to them the streams: `text/event-stream` for
   `stream: true` (and `/generate`'s default), `application/x-ndjson` for `/generate` `format: ndjson`.
   For `text/event-stream` the schema describes one event (`{"data": ...}`, as OpenAPI 3.2's
@@ -254,7 +254,8 @@ STATUS_TEXT = {
     413: "The request body is larger than the server's limit (`request_too_large`)",
     429: "Too many requests waiting (`rate_limit_exceeded`); retry after `Retry-After` seconds",
     500: "Engine failure or unexpected error",
-    503: "The server is shutting down (`shutting_down`): it finishes what it has, accepts nothing new",
+    503: "The server is shutting down (`shutting_down`): it finishes what it has, accepts nothing new; or its "
+         "engine can no longer run (`engine_dead`: a tensor-parallel rank exited)",
 }
 
 
@@ -304,7 +305,7 @@ OPERATIONS: dict[tuple[str, str], Op] = {
     ("post", "/detokenize"): Op({JSON: _ref("DetokenizeResponse")}, BODY_ERRORS),
     ("get", "/v1/models"): Op({JSON: _ref("ModelList")}, (500,)),
     ("get", "/v1/models/{model_id}"): Op({JSON: _ref("ModelCard")}, (404, 500)),
-    ("get", "/health"): Op({JSON: _ref("Health")}, ()),
+    ("get", "/health"): Op({JSON: _ref("Health")}, (503,)),
     ("get", "/metrics"): Op({"text/plain": {"type": "string", "description": "Prometheus text format 0.0.4"}},
                             (500,)),
 }

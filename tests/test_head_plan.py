@@ -82,6 +82,8 @@ def test_engine_options_are_checked(tiny):
         head_aware(tiny, HeadPlan(((0,), (0,), (0,)), 2))
     with pytest.raises(ValueError, match="keeps no KV head's full cache"):
         head_aware(tiny, HeadPlan(((), ()), 2))
+    with pytest.raises(ValueError, match="tensor_parallel_size"):  # refused before any rank starts
+        head_aware(tiny, tensor_parallel_size=2)
 
 
 # ---- against references ------------------------------------------------------------------------------------

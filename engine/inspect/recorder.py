@@ -176,7 +176,7 @@ def session_recorder(session: Session, **recorder_kwargs) -> Recorder:
     if log is None:
         raise RuntimeError("this Session keeps no attention_log; record its steps with a Recorder instead")
     latest = {rows.query_position: rows for rows in log}
-    cfg = session.runner.model.config
+    cfg = session.runner.config
     rec = Recorder(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, session.token_ids,
                    session.tokenizer, **{"prompt_len": session.seq.num_prompt_tokens, **recorder_kwargs})
     for q in sorted(latest):

@@ -45,6 +45,10 @@ def add_subcommands(subparsers) -> None:
     m.add_argument("--context", type=int, default=4096, help="tokens per sequence (default 4096)")
     m.add_argument("--block-size", type=int, default=16)
     m.add_argument("--only", action="store_true", help="size only the model's own KV-head count")
+    m.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="size one of N tensor-parallel ranks: each holds its KV heads / N, so its bytes per token "
+                        "and its pool fall by N; the budget is the whole pool, split evenly (KV-head counts N does "
+                        "not divide are skipped)")
     m.add_argument("--rss", action="store_true", help="also measure process RSS growth (a fresh process per row)")
     m.set_defaults(func=run_kv_memory)
 
@@ -89,20 +93,33 @@ def run_kv_heads(args: argparse.Namespace) -> int:
 
 def run_kv_memory(args: argparse.Namespace) -> int:
     from engine.kv_memory.sizing import size
-    from engine.kv_memory.variants import divisors, variant_config
+    from engine.kv_memory.variants import divisors, variant_config, variant_name
     from engine.llm import parse_dtype
+    from engine.parallel.shard import check_tensor_parallel
 
     config, source = _config(args)
     if args.context < 1 or args.block_size < 1:
         raise ValueError("--context and --block-size must be positive")
+    ranks = args.tensor_parallel_size
+    if args.only:
+        check_tensor_parallel(config, ranks)  # the error names the model's numbers and the sizes it allows
     counts = [config.num_key_value_heads] if args.only else divisors(config.num_attention_heads)
+    skipped = [kv for kv in counts if kv % ranks]
+    if skipped == counts:
+        raise ValueError(f"tensor_parallel_size {ranks} divides none of the KV-head counts {counts}: each rank must "
+                         f"hold the same number of KV heads")
     dtype = parse_dtype(args.dtype)
     kind = args.dtype if args.kv_cache_dtype == "auto" else f"{args.kv_cache_dtype} (scales float16)"
     print(f"{source}; {kind} cache, block size {args.block_size}, context {args.context}, "
-          f"budget {args.budget:,} bytes ({args.budget / 2**20:.1f} MiB)")
+          f"budget {args.budget:,} bytes ({args.budget / 2**20:.1f} MiB)"
+          + (f"; per rank of {ranks} tensor-parallel ranks (KV heads / {ranks} each)" if ranks > 1 else ""))
     rows, notes = [], set()
     for kv in counts:
-        r = size(variant_config(config, kv), dtype, [args.context], args.budget, block_size=args.block_size,
+        if kv in skipped:
+            continue
+        variant = variant_config(config, kv)
+        shard, budget = rank_share(variant, ranks, dtype, args)
+        r = size(shard, dtype, [args.context], budget, block_size=args.block_size, name=variant_name(variant),
                  measure_rss=args.rss, kv_cache_dtype=args.kv_cache_dtype)
         mark = "*" if kv == config.num_key_value_heads else ""
         c = args.context
@@ -111,11 +128,15 @@ def run_kv_memory(args: argparse.Namespace) -> int:
                 r.max_seqs_formula[c], r.max_seqs_admitted[c], "yes" if r.exact else "NO"]
         notes |= _notes(r, c)
         rows.append(line + ([_mib(r.rss_growth) if r.rss_growth is not None else "n/a"] if args.rss else []))
-    headers = ["variant", "B/token", "seq MiB (formula)", "seq MiB (measured)", "1-seq pool MiB (storage)",
-               "max seqs (formula)", "max seqs (admitted)", "exact"] + (["RSS growth MiB"] if args.rss else [])
+    per = "/rank" if ranks > 1 else ""
+    headers = ["variant", f"B/token{per}", f"seq MiB{per} (formula)", f"seq MiB{per} (measured)",
+               f"1-seq pool MiB{per} (storage)", "max seqs (formula)", "max seqs (admitted)", "exact"] + (
+                  [f"RSS growth MiB{per}"] if args.rss else [])
     _print_table(headers, rows)
     for note in sorted(notes):
         print(note)
+    if skipped:
+        print(f"skipped: {', '.join(f'{kv} KV heads' for kv in skipped)} ({ranks} ranks must divide the KV heads)")
     return 0
 
 
@@ -141,6 +162,20 @@ def run_head_plan(args: argparse.Namespace) -> int:
               f"L{i}:{len(h)}" for i, h in enumerate(plan.full_kv_heads)))
     print(f"wrote {args.out}")
     return 0
+
+
+def rank_share(config, ranks: int, dtype, args: argparse.Namespace):
+    """The model one of `ranks` tensor-parallel ranks holds, and its share of the budget: the blocks the whole
+    budget buys (as `LLM` counts them), of this rank's heads."""
+    from engine.kv_memory.sizing import token_bytes
+    from engine.parallel.shard import rank_config
+
+    if ranks == 1:
+        return config, args.budget
+    shard = rank_config(config, ranks)
+    block = args.block_size
+    num_blocks = args.budget // (token_bytes(config, dtype, args.kv_cache_dtype) * block)
+    return shard, num_blocks * token_bytes(shard, dtype, args.kv_cache_dtype) * block
 
 
 def _notes(row, context: int) -> set[str]:
