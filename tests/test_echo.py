@@ -86,7 +86,7 @@ def http(live):
 PROMPTS = ["The capital of France is", "One, two, three, four,"]
 
 
-def test_echo_returns_the_prompt_with_its_logprobs(http, llm):
+def test_echo_returns_the_prompt_with_its_logprobs(http, llm, live):
     r = http.post("/v1/completions", json={"prompt": PROMPTS, "max_tokens": 2, "n": 2, "echo": True,
                                            "logprobs": 1, "temperature": 0})
     assert r.status_code == 200, r.text
@@ -94,7 +94,8 @@ def test_echo_returns_the_prompt_with_its_logprobs(http, llm):
     assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]  # prompt i, choice j -> index i * n + j
     for i, prompt in enumerate(PROMPTS):
         ids = llm.tokenizer.encode(prompt)
-        [alone] = llm.generate([ids], SamplingParams(max_tokens=2, temperature=0))
+        # On the engine thread: the server steps `llm`, and two threads must never step one engine.
+        [alone] = live.on_engine_thread(lambda: llm.generate([ids], SamplingParams(max_tokens=2, temperature=0)))
         for choice in body["choices"][2 * i : 2 * i + 2]:
             assert choice["text"] == prompt + alone.text
             lp = choice["logprobs"]
