@@ -78,7 +78,8 @@ def serve(args: argparse.Namespace) -> int:
     stats = llm.engine.stats()
     ranks = llm.engine_config.tensor_parallel_size
     print(f"kvmini: serving {app.state.kvmini.model_name} at http://{host}:{args.port}/v1 "
-          f"({int(stats['kv_blocks_total'])} KV blocks of {llm.blocks.block_size} tokens; "
+          f"({int(stats['kv_blocks_total'])} KV blocks of {llm.blocks.block_size} tokens"
+          f"{_window_blocks(stats)}; "
           f"{str(llm.engine_config.dtype).removeprefix('torch.')}, KV cache {llm.kv_cache.kv_cache_dtype}, "
           f"linear layers: {describe(llm.model)}; "
           f"{f'{ranks} tensor-parallel ranks of ' if ranks > 1 else ''}"
@@ -114,3 +115,9 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
         if first:  # a signal handler runs between bytecodes of the loop's thread: schedule, don't run here
             asyncio.get_event_loop().call_soon_threadsafe(self._drain)
+
+
+def _window_blocks(stats: dict) -> str:
+    """Head-aware eviction: the window heads' pool beside the full heads' (engine/head_plan.py)."""
+    n = stats.get("kv_window_blocks_total")
+    return f" for the full-cache heads, {int(n)} for the window heads" if n is not None else ""
