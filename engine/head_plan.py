@@ -172,9 +172,9 @@ def head_aware_pools(config: ModelConfig, cache: CacheConfig, dtype: torch.dtype
 
     The full pool grows with every sequence; a decoding sequence holds at most `policy.max_blocks` window
     blocks, but a prompt (and a preempted sequence's recompute) is prefilled with full attention in both pools.
-    So the window pool gets room for one sequence of `max_model_len` tokens plus a window for each of
-    `max_num_seqs` sequences (never more blocks than the full pool), and the full pool the rest of the budget
-    (`cache.num_blocks`, when given, sizes the full pool)."""
+    So the window pool gets room for one sequence of `max_model_len` tokens plus a window for each sequence of
+    that length the full pool holds (at most `max_num_seqs`; never more blocks than the full pool), and the
+    full pool the rest of the budget (`cache.num_blocks`, when given, sizes the full pool)."""
     plan.check(config)
     if plan.num_full == 0:
         raise ValueError("the head plan keeps no KV head's full cache: use kv_policy alone for sink + window "
@@ -182,17 +182,24 @@ def head_aware_pools(config: ModelConfig, cache: CacheConfig, dtype: torch.dtype
     bs = cache.block_size
     full_block = kv_bytes_per_token(config, cache, dtype, plan_heads(plan, full=True)) * bs
     window_block = kv_bytes_per_token(config, cache, dtype, plan_heads(plan, full=False)) * bs
-    window_need = -(-max_model_len // bs) + max_num_seqs * policy.max_blocks(bs)
+    longest, window = -(-max_model_len // bs), policy.max_blocks(bs)  # blocks of one whole sequence, of a window
+
+    def windows(num_full: int) -> int:  # window blocks for the sequences of `longest` blocks the full pool holds
+        return longest + min(max_num_seqs, max(1, num_full // longest)) * window
+
     if cache.num_blocks is not None:
         num_full = cache.num_blocks
-    elif cache.budget >= window_need * (full_block + window_block):
-        num_full = (cache.budget - window_need * window_block) // full_block
     else:
-        num_full = cache.budget // (full_block + window_block)
+        # Every full sequence brings a window: solve budget = full x (full_block + window x window_block /
+        # longest) + longest x window_block, then give the full pool what the rounded window count leaves.
+        num_full = int((cache.budget - longest * window_block) / (full_block + window * window_block / longest))
+        num_full = (cache.budget - windows(max(num_full, 0)) * window_block) // full_block
+        if num_full < windows(num_full):  # too small a budget for that: equal pools
+            num_full = cache.budget // (full_block + window_block)
     if num_full < 1:
         raise ValueError(f"kv_cache_memory={cache.budget} bytes is smaller than one block of both pools "
                          f"({full_block + window_block} bytes)")
-    return num_full, min(num_full, window_need)
+    return num_full, min(num_full, windows(num_full))
 
 
 def plan_heads(plan: HeadPlan, full: bool) -> list[int]:
