@@ -276,8 +276,7 @@ def run_eviction(args, config: ModelConfig, kv_counts: list[int], workdir: Path)
                 fraction = plan.full_fraction if eviction == "head-aware" else float(eviction == "full")
                 result = EvictionResult(
                     name, vcfg.num_key_value_heads, kind, eviction, None if eviction == "full" else str(policy),
-                    fraction, llm.kv_cache.bytes_per_token if eviction != "head-aware" else
-                    token_bytes(vcfg, torch.bfloat16, kind), {c: v[0] for c, v in sized.items()},
+                    fraction, token_bytes(vcfg, torch.bfloat16, kind), {c: v[0] for c, v in sized.items()},
                     {c: v[1] for c, v in sized.items()},
                     {c: formula_max_seqs(vcfg, torch.bfloat16, 16, args.budget, c, kind) for c in sized},
                     math.exp(sum(nll) / len(nll)), len(nll), agree)

@@ -64,8 +64,6 @@ class Session:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.params = _unconstrained(params or GREEDY)
-        if self.params.kv_policy is not None and capture is not None:
-            raise RequestError("kv_policy", "attention capture cannot be combined with a kv_policy")
         self._seq_ids = seq_ids
         self.seq = Sequence(seq_ids.next(), list(token_ids), len(token_ids), self.params, capture,
                             kv_policy=self.params.kv_policy)
