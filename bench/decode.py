@@ -4,7 +4,8 @@ Peers: transformers `generate` (bfloat16, float32) and, when `llama_cpp` is impo
 llama.cpp on the default GGUF requantised by llama.cpp's own quantizer to F16, Q8_0 and Q4_0. Every engine
 decodes the same 32-token prompt for 128 new tokens; decode speed is (tokens - 1) / (last token time - first
 token time), so prefill is excluded. Engines alternate run by run (--repeats runs each, median reported).
-Ratios are taken at the same bit width (bfloat16 : F16, int8 : Q8_0, int4 : Q4_0). The bandwidth bound is
+Ratios are taken at the same bit width (bfloat16 : F16, int8 : Q8_0, int4 : Q4_0). kvmini runs batch-invariant,
+as by default; --without-invariance adds each variant with `batch_invariant=False`, to see what invariance costs. The bandwidth bound is
 the measured read bandwidth / the weight bytes a token streams. Writes bench/results/decode.json.
 """
 
@@ -36,8 +37,9 @@ LLAMA_CPP_TYPES = {"F16": 1, "Q8_0": 7, "Q4_0": 2}  # llama_ftype values
 SAME_WIDTH = {"kvmini bfloat16": "llama.cpp F16", "kvmini int8": "llama.cpp Q8_0", "kvmini int4": "llama.cpp Q4_0"}
 
 
-def kvmini_runner(model_dir: Path, dtype: str, quantization: str | None, prompt: list[int], n: int) -> Runner:
-    llm = LLM(model_dir, dtype=dtype, quantization=quantization)
+def kvmini_runner(model_dir: Path, dtype: str, quantization: str | None, prompt: list[int], n: int,
+                  batch_invariant: bool = True) -> Runner:
+    llm = LLM(model_dir, dtype=dtype, quantization=quantization, batch_invariant=batch_invariant)
     token_times(llm, prompt, 8)  # warm up
     return lambda: token_times(llm, prompt, n)
 
@@ -123,6 +125,8 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per engine (median reported)")
+    ap.add_argument("--without-invariance", action="store_true",
+                    help="also run each kvmini variant with batch_invariant=False (what batch invariance costs)")
     args = ap.parse_args()
 
     from engine.gguf_import import default_gguf_path
@@ -136,8 +140,10 @@ def main() -> None:
     weight_bytes: dict[str, int] = {}
     for variant in args.kvmini:
         dtype, quantization = KVMINI_VARIANTS[variant]
-        runs[f"kvmini {variant}"] = kvmini_runner(args.model, dtype, quantization, prompt, args.new_tokens)
-        weight_bytes[f"kvmini {variant}"] = weight_bytes_per_token(config, quantization, 4 if dtype == "float32" else 2)
+        for invariant in (True, False) if args.without_invariance else (True,):
+            name = f"kvmini {variant}" + ("" if invariant else " (no batch invariance)")
+            runs[name] = kvmini_runner(args.model, dtype, quantization, prompt, args.new_tokens, invariant)
+            weight_bytes[name] = weight_bytes_per_token(config, quantization, 4 if dtype == "float32" else 2)
     for dtype in args.transformers:
         runs[f"transformers {dtype}"] = transformers_runner(args.model, dtype, prompt, args.new_tokens)
         weight_bytes[f"transformers {dtype}"] = weight_bytes_per_token(config, None, 4 if dtype == "float32" else 2)

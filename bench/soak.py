@@ -11,6 +11,11 @@ with a random prompt (a slice of the Python language reference), 4..48 max_token
 and seed; about 30 % of requests close the stream after a random number of events. When the time is up
 the clients finish their current request (those still running after --drain seconds are cancelled).
 
+Canaries (`CANARIES`: greedy and seeded, on every route, one capturing attention): each is sent alone
+before the load, then one extra client sends them over and over during it, each read to the end; every
+answer must equal its answer alone, event for event (token ids, text, logprobs, attention rows; ids,
+timestamps and usage aside). That is the server's batch invariance (engine/invariance.py) under load.
+
 SSE is parsed on "\\n" only (never `str.splitlines`, which also splits on U+2028 and friends inside the
 generated text), one JSON payload per `data: ` line. A stream "without its final event" is one the server
 closed before sending [DONE] / the done object; an `{"error": ...}` event is counted as an error event.
@@ -21,7 +26,7 @@ and at the end, tokens/s (the server's `kvmini_generation_tokens_total` over the
 average, the scheduler's preemptions (`kvmini_preemptions_total`), the server's other /metrics counters,
 and its exit code after SIGTERM.
 
-Exit status 1 when: any 5xx, any stream without its final event, any error event or unparsable event,
+Exit status 1 when: any canary answered otherwise than alone, any 5xx, any stream without its final event, any error event or unparsable event,
 a stream that ended with [DONE] but no finish_reason, any transport error (connection reset, timeout),
 KV blocks left in use, the server dying or not shutting down cleanly on SIGTERM, or (only with
 --check-rss) RSS growth >= 10 %. The failing requests are printed verbatim (route and body). Writes
@@ -54,6 +59,23 @@ from bench.common import DEFAULT_MODEL, RESULTS, english_text, load_average, mac
 from bench.serve import free_port  # noqa: E402
 
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/generate")
+# Canaries: greedy and seeded requests on every route, one with attention capture, one with top logprobs.
+# Each is sent alone before the load; during it one more client sends them again and again, read to the
+# end. Batch invariance (engine/invariance.py) says every answer must be the same, event for event.
+CANARIES = (
+    ("/v1/completions", {"prompt": "The capital of France is", "max_tokens": 24, "temperature": 0}),
+    ("/v1/completions", {"prompt": "Once upon a time, in a small village,", "max_tokens": 32, "temperature": 1.0,
+                         "seed": 1234, "logprobs": 2}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Write a haiku about the sea."}],
+                              "max_tokens": 32, "temperature": 0.8, "seed": 7}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "What is 12 times 12?"}],
+                              "max_tokens": 24, "temperature": 0}),
+    ("/generate", {"prompt": "A B C A B C A B", "max_tokens": 16, "temperature": 0,
+                   "attention": {"layers": [0, 29], "heads": [0, 4], "top_k": 4}}),
+    ("/generate", {"prompt": "def fibonacci(n):\n    ", "max_tokens": 24, "temperature": 0.7, "seed": 99,
+                   "logprobs": 2}),
+)
+VOLATILE = ("id", "created", "usage", "system_fingerprint")  # fields that may differ between two equal answers
 ATTENTION = {"layers": [0], "heads": [0], "top_k": 4}
 TEMPERATURES = (0.0, 0.5, 0.8, 1.0, 1.5)
 RSS_LIMIT_PCT = 10.0
@@ -203,6 +225,64 @@ async def client_loop(client: httpx.AsyncClient, c: Counters, work: Workload, st
         await one_request(client, c, *work.request())
 
 
+# ---- canaries --------------------------------------------------------------------------------------------
+
+
+async def answer(client: httpx.AsyncClient, route: str, body: dict) -> list:
+    """A streamed answer as the list of its events, without the fields that may differ between equal ones
+    (ids, timestamps, usage: a prefix-cache hit changes `cached_tokens`)."""
+    events = []
+    async with client.stream("POST", route, json={**body, "stream": True} if route != "/generate" else body) as r:
+        if r.status_code != 200:
+            return [f"HTTP {r.status_code}: {(await r.aread()).decode('utf-8', 'replace')}"]
+        async for data in sse_events(r):
+            if data == "[DONE]":
+                break
+            event = {k: v for k, v in json.loads(data).items() if k not in VOLATILE}
+            if event:
+                events.append(event)
+            if event.get("done") is True:
+                break
+    return events
+
+
+@dataclass
+class Canaries:
+    """Each canary's answer alone (`reference`), and how often it came back otherwise under load."""
+
+    reference: list[list] = field(default_factory=list)
+    sent: int = 0
+    mismatched: int = 0
+    mismatches: list[dict] = field(default_factory=list)  # the first few, with both texts
+
+
+def answer_text(events: list) -> str:
+    parts = []
+    for e in events:
+        if isinstance(e, str):
+            return e
+        for ch in e.get("choices") or ():
+            parts.append(ch.get("text") or (ch.get("delta") or {}).get("content") or "")
+        if "token_id" in e:
+            parts.append(e.get("text", ""))
+    return "".join(parts)
+
+
+async def canary_loop(client: httpx.AsyncClient, canaries: Canaries, stop: asyncio.Event) -> None:
+    i = 0
+    while not stop.is_set():
+        route, body = CANARIES[i % len(CANARIES)]
+        got = await answer(client, route, body)
+        canaries.sent += 1
+        if got != canaries.reference[i % len(CANARIES)]:
+            canaries.mismatched += 1
+            if len(canaries.mismatches) < MAX_FAILURES_KEPT:
+                canaries.mismatches.append({"route": route, "body": body,
+                                            "alone": answer_text(canaries.reference[i % len(CANARIES)]),
+                                            "under_load": answer_text(got)})
+        i += 1
+
+
 # ---- the server ------------------------------------------------------------------------------------------
 
 
@@ -305,13 +385,17 @@ async def load_phase(url: str, pid: int, clients: int, duration_s: float, drain_
     stop = asyncio.Event()
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
     timeout = httpx.Timeout(connect=10, read=300, write=10, pool=60)
+    canaries = Canaries()
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=timeout) as client:
+        for route, body in CANARIES:  # alone: the server runs nothing else
+            canaries.reference.append(await answer(client, route, body))
         before = await metrics(client)
         start = time.monotonic()
         samples: list[tuple[float, float | None]] = []
         sampler = asyncio.create_task(sample_rss(pid, start, samples))
         tasks = [asyncio.create_task(client_loop(client, c, Workload(text, seed + i, max_tokens, disconnect_rate),
                                                  stop)) for i in range(clients)]
+        tasks.append(asyncio.create_task(canary_loop(client, canaries, stop)))
         await asyncio.sleep(warmup_s(duration_s))
         rss_warm = rss_mib(pid)
         await asyncio.sleep(max(0.0, duration_s - (time.monotonic() - start)))
@@ -325,7 +409,7 @@ async def load_phase(url: str, pid: int, clients: int, duration_s: float, drain_
         rss_end = rss_mib(pid)
         sampler.cancel()
     tokens = after.get("kvmini_generation_tokens_total", 0) - before.get("kvmini_generation_tokens_total", 0)
-    return {"counters": c, "load_s": load_s, "metrics": after, "settle_wait_s": settle_wait,
+    return {"counters": c, "canaries": canaries, "load_s": load_s, "metrics": after, "settle_wait_s": settle_wait,
             "rss_warm": rss_warm, "rss_end": rss_end, "rss_samples": samples, "tokens": tokens}
 
 
@@ -371,6 +455,9 @@ def run_soak(model_dir: Path | str = DEFAULT_MODEL, clients: int = 64, duration_
         "disconnect_rate": disconnect_rate,
         "counters": {k: v for k, v in asdict(c).items() if k != "failures"},
         "failed_requests": c.failures,
+        "canaries_sent": phase["canaries"].sent,
+        "canaries_mismatched": phase["canaries"].mismatched,
+        "canary_mismatches": phase["canaries"].mismatches,
         "kv_blocks_used_end": blocks_used,
         "kv_blocks_settle_wait_s": phase["settle_wait_s"],
         "preemptions": m.get("kvmini_preemptions_total"),  # None: this server's /metrics has no such counter
@@ -397,6 +484,9 @@ def run_soak(model_dir: Path | str = DEFAULT_MODEL, clients: int = 64, duration_
                        ("transport_errors", "transport errors")):
         if getattr(c, key):
             reasons.append(f"{getattr(c, key)} {label}")
+    if phase["canaries"].mismatched:
+        reasons.append(f"{phase['canaries'].mismatched} of {phase['canaries'].sent} canaries answered otherwise "
+                       "than alone")
     if blocks_used != 0:
         reasons.append(f"{blocks_used} KV blocks still in use after {phase['settle_wait_s']:.1f} s idle")
     if died or not clean_exit(exit_code, server_output):
@@ -417,7 +507,9 @@ def print_report(r: dict) -> None:
                                 "transport_errors", "missing_final", "error_events", "bad_events",
                                 "no_finish_reason", "events")]
     rows += [[f"started {route}", n] for route, n in c["by_route"].items()]
-    rows += [["KV blocks used at the end", r["kv_blocks_used_end"]],
+    rows += [["canaries sent under load", r["canaries_sent"]],
+             ["canaries answered otherwise than alone", r["canaries_mismatched"]],
+             ["KV blocks used at the end", r["kv_blocks_used_end"]],
              ["preemptions (/metrics)", r["preemptions"] if r["preemptions"] is not None else "not exposed"],
              [f"RSS MiB after {r['rss_warmup_s']:.0f} s warm-up", r["rss_mib_warm"]],
              ["RSS MiB at the end", r["rss_mib_end"]],
@@ -430,6 +522,9 @@ def print_report(r: dict) -> None:
     for f in r["failed_requests"]:
         print(f"FAILED REQUEST {f['kind']}: POST {f['route']} {json.dumps(f['body'], ensure_ascii=False)}\n"
               f"    {f['detail'][:500]}")
+    for m in r["canary_mismatches"]:
+        print(f"CANARY MISMATCH: POST {m['route']} {json.dumps(m['body'], ensure_ascii=False)}\n"
+              f"    alone:      {m['alone'][:200]!r}\n    under load: {m['under_load'][:200]!r}")
     print("PASS" if not r["failures"] else "FAIL: " + "; ".join(r["failures"]))
 
 

@@ -3,7 +3,8 @@
 Seeded random prompt lengths (16-512) cut from a fixed English text and output lengths (16-256); a second
 variant gives every prompt the same 256-token prefix. kvmini runs all requests through one LLMEngine;
 transformers runs the same requests in static, left-padded batches of 32 (each batch decodes until its
-longest request is done; only each request's own tokens count). Writes bench/results/throughput.json.
+longest request is done; only each request's own tokens count). kvmini is batch-invariant, as by default;
+--without-invariance runs the same requests again with `batch_invariant=False`. Writes bench/results/throughput.json.
 """
 
 from __future__ import annotations
@@ -121,14 +122,19 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--without-invariance", action="store_true",
+                    help="also run kvmini with batch_invariant=False (what batch invariance costs), same requests")
     args = ap.parse_args()
 
     load = load_average()
-    llm = LLM(
-        args.model, dtype=args.dtype, quantization=args.quantization, kv_cache_memory=args.kv_cache_memory,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-    )
+
+    def engine(batch_invariant: bool) -> LLM:
+        return LLM(args.model, dtype=args.dtype, quantization=args.quantization, kv_cache_memory=args.kv_cache_memory,
+                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                   batch_invariant=batch_invariant)
+
+    llm = engine(True)
+    fast = engine(False) if args.without_invariance else None
     corpus = llm.tokenizer.encode(english_text())
     hf = None
     if not args.skip_transformers:
@@ -136,7 +142,9 @@ def main() -> None:
 
         hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
         hf.generation_config.eos_token_id = None  # fixed lengths, like ignore_eos
-    llm.generate([1, 2, 3], SamplingParams(temperature=0.0, max_tokens=4))  # warm up
+    for e in (llm, fast):
+        if e is not None:
+            e.generate([1, 2, 3], SamplingParams(temperature=0.0, max_tokens=4))  # warm up
     variants = {}
     for name, prefix in (("random", 0), ("shared_prefix_256", 256)):
         reqs = make_requests(corpus, args.num_requests, args.seed, prefix)
@@ -146,6 +154,11 @@ def main() -> None:
         variants[name] = {"kvmini": ours, "transformers": ref}
         if ref:
             variants[name]["ratio"] = ours["output_tokens_per_s"] / ref["output_tokens_per_s"]
+        if fast is not None:
+            fast.blocks.reset_prefix_cache()
+            other = run_kvmini(fast, reqs)
+            variants[name]["kvmini_without_invariance"] = other
+            variants[name]["invariant_over_fast"] = ours["output_tokens_per_s"] / other["output_tokens_per_s"]
     rows = []
     for name, v in variants.items():
         o, r = v["kvmini"], v["transformers"]
@@ -161,6 +174,11 @@ def main() -> None:
          "ITL p99 ms", "peak blocks", "prefix hit"],
         rows,
     )
+    if fast is not None:
+        print_table(["workload", "batch-invariant tok/s", "not invariant tok/s", "ratio", "TTFT p50 s (not inv.)"],
+                    [[name, v["kvmini"]["output_tokens_per_s"], v["kvmini_without_invariance"]["output_tokens_per_s"],
+                      v["invariant_over_fast"], v["kvmini_without_invariance"]["ttft_p50_s"]]
+                     for name, v in variants.items()])
     payload = {"benchmark": "throughput", "load_average_1m": load, "quantization": args.quantization,
                "dtype": args.dtype, "num_requests": args.num_requests,
                "seed": args.seed, "machine": machine(), "variants": variants}

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from engine.invariance import RowPlan
 from engine.kv_quant import QuantizedPool
 
 if TYPE_CHECKING:
@@ -21,20 +22,30 @@ if TYPE_CHECKING:
 
 @dataclass
 class PrefillSegment:
-    """A run of `num_tokens` consecutive new tokens of one sequence (a prompt or a prompt chunk)."""
+    """A run of `num_tokens` consecutive new tokens of one sequence (a prompt or a prompt chunk).
+
+    With batch invariance (engine/invariance.py) a segment is the real rows of one prompt tile of
+    `tile_size` rows, at `tile_offset` in it: its queries are padded to the tile, and `key_slots` reach the
+    tile's end (keys past the real ones are masked by causality), so its arithmetic has the tile's shape."""
 
     token_start: int  # first row in the flat token batch
     num_tokens: int
     key_slots: torch.Tensor | None  # [context] cache slots of every key up to this chunk; None = no cache
     capture: CaptureSink | None = None
+    tile_size: int = 0  # 0: the segment is its own shape (no batch invariance)
+    tile_offset: int = 0
     _masks: dict = field(default_factory=dict, repr=False)  # built by the first layer, reused by the rest
 
+    @property
+    def query_rows(self) -> int:
+        return self.tile_size or self.num_tokens
+
     def causal_mask(self, group: int, context: int, dtype: torch.dtype, device) -> torch.Tensor:
-        """`[group * T, context]`: 0 where query i (position context - T + i) may attend, -inf after it;
-        a bool mask (True = may attend) when `dtype` is torch.bool."""
+        """`[group * Q, context]` for the Q query rows: 0 where query i (position context - Q + i) may attend,
+        -inf after it; a bool mask (True = may attend) when `dtype` is torch.bool."""
         key = (group, context, dtype)
         if key not in self._masks:
-            allowed = _causal_mask(self.num_tokens, context, device).repeat(group, 1)
+            allowed = _causal_mask(self.query_rows, context, device).repeat(group, 1)
             if dtype != torch.bool:
                 allowed = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
             self._masks[key] = allowed
@@ -50,6 +61,8 @@ class DecodeBatch:
     context_lens: list[int]
     captures: list[CaptureSink | None] | None = None
     sink_rotation: SinkRotation | None = None  # rows with StreamingLLM positions (engine/kv_policy.py)
+    # Batch invariance: every row attends in its own call (a batched call's rounding moved with the batch).
+    per_row: bool = False
 
 
 @dataclass
@@ -70,6 +83,7 @@ class AttentionMetadata:
     decode: list[DecodeBatch]  # the decode rows lead the flat batch, group after group
     prefills: list[PrefillSegment]
     window: WindowAttention | None = None  # head-aware eviction: where the window heads read and write
+    row_plan: RowPlan | None = None  # batch invariance: how the linear layers split the rows (engine/invariance.py)
 
 
 @dataclass
@@ -154,10 +168,24 @@ def _decode(q, k_pool, v_pool, batch: DecodeBatch, layer: int, scale: float) -> 
     if batch.sink_rotation is not None:
         rotate_sink_keys(keys, batch.sink_rotation)
     qg = q.view(b, kvh, h // kvh, d)  # the G query heads of a group are G query rows of its K/V head
-    out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=batch.key_mask, scale=scale)
+    if batch.per_row:
+        out = _attend_each_row(qg, keys, values, batch, scale)
+    else:
+        out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=batch.key_mask, scale=scale)
     if batch.captures is not None:
         _capture_decode(qg, keys, values, batch, layer, scale)
     return out.reshape(b, h * d)
+
+
+def _attend_each_row(qg, keys, values, batch: DecodeBatch, scale: float) -> torch.Tensor:
+    """Batch invariance: one call per row (a batched call's rounding moved with the batch, float32 on two
+    threads), masked only where the row's keys fall short of the padded length."""
+    full, outs = keys.shape[2], []
+    for i, n in enumerate(batch.context_lens):
+        mask = None if n == full else batch.key_mask[i : i + 1]
+        outs.append(F.scaled_dot_product_attention(qg[i : i + 1], keys[i : i + 1], values[i : i + 1],
+                                                   attn_mask=mask, scale=scale))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def _gather(pool: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -200,23 +228,39 @@ def _prefill(q, k, v, k_pool, v_pool, seg: PrefillSegment, layer: int, scale: fl
     t, h, d = q.shape
     kvh, g = k.shape[1], h // k.shape[1]
     ctx = t if seg.key_slots is None else seg.key_slots.shape[0]
-    if ctx > t:  # a cached prefix precedes the chunk: read every key from the pool
+    if ctx > t or seg.tile_size:  # a cached prefix precedes the chunk, or a tile: read every key from the pool
         k, v = _gather(k_pool, seg.key_slots), _gather(v_pool, seg.key_slots)
-    # [KVH, G*T, D]: the group's query rows stacked so they share one K/V head (no repeat).
-    qg = q.view(t, kvh, g, d).permute(1, 2, 0, 3).reshape(kvh, g * t, d)
+    rows, off = seg.query_rows, seg.tile_offset
+    if rows != t:  # a tile's real rows at their offset, zeros around them
+        q = q.new_zeros(rows, h, d).index_copy_(0, torch.arange(off, off + t, device=q.device), q)
+    # [KVH, G*Q, D]: the group's query rows stacked so they share one K/V head (no repeat).
+    qg = q.view(rows, kvh, g, d).permute(1, 2, 0, 3).reshape(kvh, g * rows, d)
     kt, vt = k.transpose(0, 1), v.transpose(0, 1)  # [KVH, ctx, D]
     sink = seg.capture if seg.capture is not None and seg.capture.wants(layer) else None
-    if sink is None and kvh * g * t * ctx > PREFILL_MAX_EXPLICIT_SCORES:
+    if sink is None and kvh * g * rows * ctx > PREFILL_MAX_EXPLICIT_SCORES:
         mask = seg.causal_mask(g, ctx, torch.bool, q.device)
         out = F.scaled_dot_product_attention(qg, kt, vt, attn_mask=mask, scale=scale)
     else:
         bias = seg.causal_mask(g, ctx, q.dtype, q.device).expand(kvh, -1, -1)
-        scores = torch.baddbmm(bias, qg, kt.transpose(1, 2), alpha=scale)  # [KVH, G*T, ctx]
+        scores = torch.baddbmm(bias, qg, kt.transpose(1, 2), alpha=scale)  # [KVH, G*Q, ctx]
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
         if sink is not None:
-            sink.record_prefill(layer, probs.view(h, t, ctx), scores.view(h, t, ctx), vt)
+            _record_prefill(sink, layer, probs.view(h, rows, ctx), scores.view(h, rows, ctx), vt, seg)
         out = torch.matmul(probs.to(vt.dtype), vt)
-    return out.view(kvh, g, t, d).permute(2, 0, 1, 3).reshape(t, h * d)
+    out = out.view(kvh, g, rows, d).permute(2, 0, 1, 3)
+    return (out if rows == t else out[off : off + t]).reshape(t, h * d)
+
+
+def _record_prefill(sink: CaptureSink, layer: int, probs, scores, values, seg: PrefillSegment) -> None:
+    """Hand a segment's real rows `[heads, rows, ctx]` to its sink; a tile's keys past the sink's context
+    (the chunk's end) are masked for every real row and left out."""
+    if not seg.tile_size:
+        sink.record_prefill(layer, probs, scores, values)
+        return
+    rows = slice(seg.tile_offset, seg.tile_offset + seg.num_tokens)
+    keys = min(probs.shape[-1], sink.context)
+    first = seg.key_slots.shape[0] - seg.tile_size + seg.tile_offset  # the position of the first real row
+    sink.record_prefill(layer, probs[:, rows, :keys], scores[:, rows, :keys], values[:, :keys], first)
 
 
 def _causal_mask(q_len: int, ctx: int, device) -> torch.Tensor:

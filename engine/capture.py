@@ -173,7 +173,7 @@ class CaptureSink:
     """
 
     def __init__(self, spec: AttentionCapture, num_layers: int, num_heads: int, num_rows: int, context: int,
-                 value_norms: "ValueNorms | None" = None, every_head: bool = False):
+                 value_norms: "ValueNorms | None" = None, every_head: bool = False, chunk_start: int = 0):
         self.spec = spec
         self.layers = spec.layers or tuple(range(num_layers))
         # every_head: a tensor-parallel rank's sink keeps all of its own heads; `joined` picks spec.heads later.
@@ -181,6 +181,7 @@ class CaptureSink:
         self.heads = self.wanted_heads or tuple(range(num_heads))
         self.slot = dict(zip(self.layers, range(len(self.layers))))
         self.num_rows, self.context = num_rows, context
+        self.chunk_start = chunk_start  # the position of the pass's first query (for prefill matrices)
         self.probs: torch.Tensor | None = None
         self.scores: torch.Tensor | None = None
         self.norms: torch.Tensor | None = None
@@ -245,19 +246,41 @@ class CaptureSink:
             for i, (layer, v) in enumerate(zip(layers, values)):
                 self.norms[slots[i], :, 0] = self.probs[slots[i], :, 0] * self._select(self.value_norms.of(layer, v))
 
-    def record_prefill(self, layer: int, probs: torch.Tensor, scores: torch.Tensor, values: torch.Tensor) -> None:
-        """`probs`/`scores` `[heads, chunk, context]` of a prompt chunk; `values` `[KVH, context, D]`."""
+    def record_prefill(self, layer: int, probs: torch.Tensor, scores: torch.Tensor, values: torch.Tensor,
+                       first_position: int | None = None) -> None:
+        """`probs`/`scores` `[heads, n, keys]` of a prompt chunk's queries; `values` `[KVH, keys, D]`.
+
+        By default the n queries are the whole chunk and `keys` the context. With batch invariance a chunk
+        comes in prompt tiles (engine/invariance.py): the n queries start at `first_position`, and their
+        keys stop at the tile's end or the context, whichever comes first (zeros, -inf past them)."""
         if self.probs is None:
             self._buffers(probs.device)
-        i, rows = self.slot[layer], slice(probs.shape[1] - self.num_rows, None)
+        n, keys = probs.shape[1], probs.shape[2]
+        first = self.context - n if first_position is None else first_position
+        wanted = self.context - self.num_rows  # the first query the sink keeps
+        i, lo = self.slot[layer], max(first, wanted)
+        src, dst = slice(lo - first, n), slice(lo - wanted, first + n - wanted)
         probs = self._select(probs)
-        self.probs[i] = probs[:, rows]
+        self.probs[i, :, dst, :keys] = probs[:, src]
         if self.scores is not None:
-            self.scores[i] = self._select(scores)[:, rows]  # the causal mask's -inf past each query included
+            self.scores[i, :, dst, :keys] = self._select(scores)[:, src]  # the causal mask's -inf included
         if self.norms is not None:
-            self.norms[i] = self.probs[i] * self._select(self.value_norms.of(layer, values)).unsqueeze(1)
+            norms = self._select(self.value_norms.of(layer, values)).unsqueeze(1)
+            self.norms[i, :, dst, :keys] = self.probs[i, :, dst, :keys] * norms
         if self.spec.prefill_matrix:
-            self.matrices[layer] = probs.float().cpu()
+            self._keep_matrix(layer, probs.float().cpu(), first, keys)
+
+    def _keep_matrix(self, layer: int, probs: torch.Tensor, first: int, keys: int) -> None:
+        """The chunk's `[heads, chunk, context]` matrix, filled in as its queries come (all at once, or tile
+        by tile from the chunk's first position `chunk_start`)."""
+        if probs.shape[1:] == (self.context - self.chunk_start, self.context):
+            self.matrices[layer] = probs
+            return
+        matrix = self.matrices.get(layer)
+        if matrix is None:
+            rows = self.context - self.chunk_start
+            matrix = self.matrices[layer] = torch.zeros(probs.shape[0], rows, self.context)
+        matrix[:, first - self.chunk_start : first - self.chunk_start + probs.shape[1], :keys] = probs
 
     # ---- tensor parallelism: each rank captures its own heads, rank 0 joins them (engine/parallel) ----------
     def head_tensors(self) -> list[tuple[torch.Tensor, int]]:
@@ -338,8 +361,9 @@ class CaptureState:
     _span_index: torch.Tensor | None = field(default=None, repr=False)
 
     def sink(self, num_layers: int, num_heads: int, num_rows: int, context: int,
-             every_head: bool = False) -> CaptureSink:
-        return CaptureSink(self.spec, num_layers, num_heads, num_rows, context, self.value_norms, every_head)
+             every_head: bool = False, chunk_start: int = 0) -> CaptureSink:
+        return CaptureSink(self.spec, num_layers, num_heads, num_rows, context, self.value_norms, every_head,
+                           chunk_start)
 
     def keep_chunk(self, sink: CaptureSink) -> None:
         """Keep a prompt chunk's matrices until the prompt's last chunk has run."""

@@ -153,6 +153,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-plan", type=Path, metavar="PLAN.json",
                    help="head-aware eviction: only the KV heads this plan (from `kvmini head-plan`) keeps have a full "
                         "cache; --kv-policy is then what every other head keeps")
+    p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
+                   help="each request's tokens and logits are bitwise the same alone or in any batch, after any "
+                        "preemption or prefix-cache hit (prompt tiles, row-checked kernels; default: on). "
+                        "--no-batch-invariant: the batch's fastest kernels, whose rounding moves with the batch")
     p.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
                    help="split the model and its KV cache over N ranks (torch.distributed: gloo on CPU, NCCL on "
                         "CUDA), started here; under torchrun, its WORLD_SIZE (default: 1, or torchrun's WORLD_SIZE)")
@@ -167,7 +171,8 @@ def load_llm(args: argparse.Namespace, **engine_options):
         size = int(os.environ["WORLD_SIZE"]) if _launched_rank() is not None else 1
     return LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
                threads=args.threads, kv_cache_dtype=args.kv_cache_dtype, kv_policy=args.kv_policy,
-               head_plan=args.head_plan, tensor_parallel_size=size, **engine_options)
+               head_plan=args.head_plan, tensor_parallel_size=size, batch_invariant=args.batch_invariant,
+               **engine_options)
 
 
 def _launched_rank() -> int | None:

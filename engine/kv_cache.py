@@ -329,14 +329,17 @@ class BlockManager:
         bs, blocks = self.block_size, table.blocks
         return [blocks[p // bs] * bs + p % bs for p in range(start, end)]
 
-    def commit(self, table: BlockTable, token_ids: list[int], num_tokens: int) -> None:
-        """Mark `num_tokens` as written and register newly completed full blocks for prefix reuse."""
+    def commit(self, table: BlockTable, token_ids: list[int], num_tokens: int, shareable: int | None = None) -> None:
+        """Mark `num_tokens` as written and register newly completed full blocks for prefix reuse: those
+        within the first `shareable` tokens (default: all; with batch invariance a sequence's generated
+        tokens were computed as decode rows, which a prompt that holds them would compute otherwise)."""
         table.set_cached(num_tokens)
         if not self.enable_prefix_caching or table.has_evicted:
             # After an eviction, new K/V are computed without the evicted keys: they must never be shared.
             return
         bs = self.block_size
-        for i in range(len(table.block_hashes), num_tokens // bs):
+        end = num_tokens if shareable is None else min(num_tokens, shareable)
+        for i in range(len(table.block_hashes), end // bs):
             parent = table.block_hashes[-1] if table.block_hashes else None
             tokens = tuple(token_ids[i * bs : (i + 1) * bs])
             h = chain_hash(parent, tokens)

@@ -67,6 +67,7 @@ class EngineConfig:
     kv_policy: KVPolicy | None = None  # default sink + window eviction for requests (engine/kv_policy.py)
     head_plan: HeadPlan | None = None  # head-aware eviction: kv_policy for the plan's window heads only
     tensor_parallel_size: int = 1  # ranks the model is split over (engine/parallel); the pool is split too
+    batch_invariant: bool = True  # a request's logits do not depend on its batch (engine/invariance.py)
 
 
 class LLM:
@@ -76,7 +77,11 @@ class LLM:
     and starts the other N - 1 itself, or joins the group torchrun started. The whole KV pool
     (`num_blocks`, `kv_cache_memory`) is split over the ranks, each holding its own KV heads; `threads`
     is per rank (default: torch's thread count divided by N). `close()` stops the other ranks (so does
-    garbage collection, and interpreter exit)."""
+    garbage collection, and interpreter exit).
+
+    `batch_invariant=True` (the default): a request's tokens, logits and captured attention are bitwise the
+    same alone or in any batch, chunked, preempted or served from the prefix cache (engine/invariance.py says
+    how and what it does not cover); False runs the batch's fastest kernels, whose rounding moves with it."""
 
     def __init__(
         self,
@@ -99,6 +104,7 @@ class LLM:
         kv_policy: KVPolicy | str | None = None,
         head_plan: HeadPlan | str | Path | None = None,
         tensor_parallel_size: int = 1,
+        batch_invariant: bool = True,
     ):
         self.model_dir = Path(model)
         self.config = ModelConfig.from_dir(self.model_dir)
@@ -122,6 +128,7 @@ class LLM:
             kv_policy=KVPolicy.coerce(kv_policy),
             head_plan=HeadPlan.coerce(head_plan),
             tensor_parallel_size=tensor_parallel_size,
+            batch_invariant=bool(batch_invariant),
         )
         ec = self.engine_config
         if ec.head_plan is not None and ec.kv_policy is None:
@@ -134,7 +141,7 @@ class LLM:
         # The block count is the whole model's (every rank's pool has these blocks, of its own heads).
         block_bytes = kv_bytes_per_token(self.config, ec.cache, ec.dtype) * ec.cache.block_size
         spec = RankSpec(str(self.model_dir), ec.dtype, ec.pack_weights, ec.quantization,
-                        replace(ec.cache, num_blocks=ec.cache.resolve_num_blocks(block_bytes)))
+                        replace(ec.cache, num_blocks=ec.cache.resolve_num_blocks(block_bytes)), ec.batch_invariant)
         self.workers = None
         if tensor_parallel_size > 1:
             from engine.parallel.workers import WorkerGroup  # torch.distributed only when asked for
@@ -152,12 +159,13 @@ class LLM:
         if ec.head_plan is None:
             self.blocks = BlockManager(self.kv_cache, ec.cache.enable_prefix_caching)
         device = self.workers.tp.device if self.workers is not None else ec.device
-        self.runner = ModelRunner(self.model, self.kv_cache, self.blocks, device, self.config, self.workers)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.blocks, device, self.config, self.workers,
+                                  ec.batch_invariant)
         self.engine = LLMEngine(
             self.runner,
             self.tokenizer,
             self.config,
-            SchedulerConfig(max_num_seqs, max_num_batched_tokens),
+            SchedulerConfig(max_num_seqs, max_num_batched_tokens, tile_aligned_chunks=ec.batch_invariant),
             self.max_model_len,
             ec.kv_policy if ec.head_plan is None else None,  # with a head plan, the policy is the window heads'
         )

@@ -12,7 +12,8 @@ from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelConfig, RopeScaling
-from engine.packed_linear import PackedLinear, can_pack
+from engine.invariance import RowCheck, RowPlan, apply_plan, run_rows
+from engine.packed_linear import DenseLinear, PackedLinear, can_pack
 from engine.quant import quantize_linear
 
 if TYPE_CHECKING:
@@ -92,6 +93,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
+def linear(layer, x: torch.Tensor, plan: RowPlan | None) -> torch.Tensor:
+    """`layer(x)`, or with batch invariance each row as `plan` lays it out (engine/invariance.py)."""
+    return layer(x) if plan is None else apply_plan(layer, x, plan)
+
+
 class DecoderLayer(nn.Module):
     """Pre-norm attention + SwiGLU MLP; Q/K/V and gate/up are fused into one matmul each.
 
@@ -106,26 +112,27 @@ class DecoderLayer(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.qkv_proj = nn.Linear(c.hidden_size, q + 2 * kv, bias=c.attention_bias)
-        self.o_proj = nn.Linear(q, c.hidden_size, bias=c.o_proj_bias)
+        self.qkv_proj = DenseLinear(c.hidden_size, q + 2 * kv, bias=c.attention_bias)
+        self.o_proj = DenseLinear(q, c.hidden_size, bias=c.o_proj_bias)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.gate_up_proj = nn.Linear(c.hidden_size, 2 * c.intermediate_size, bias=c.mlp_bias)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
+        self.gate_up_proj = DenseLinear(c.hidden_size, 2 * c.intermediate_size, bias=c.mlp_bias)
+        self.down_proj = DenseLinear(c.intermediate_size, c.hidden_size, bias=c.mlp_bias)
 
     def forward(self, x, cos, sin, k_pool, v_pool, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
         h, kvh, d = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv_proj(self.input_layernorm(x))
+        plan = meta.row_plan
+        qkv = linear(self.qkv_proj, self.input_layernorm(x), plan)
         qk = apply_rope(qkv[:, : (h + kvh) * d].view(t, h + kvh, d), cos, sin)
         q, k = qk[:, :h], qk[:, h:]
         v = qkv[:, (h + kvh) * d :].view(t, kvh, d)
         attn = paged_attention(q, k, v, k_pool, v_pool, meta, self.index, d**-0.5)
-        out = self.o_proj(attn)
+        out = linear(self.o_proj, attn, plan)
         if self.tp is not None:
             self.tp.all_reduce(out)
         x = x + out
-        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
-        out = self.down_proj(F.silu(gate) * up)
+        gate, up = linear(self.gate_up_proj, self.post_attention_layernorm(x), plan).chunk(2, dim=-1)
+        out = linear(self.down_proj, F.silu(gate) * up, plan)
         if self.tp is not None:
             self.tp.all_reduce(out)
         return x + out
@@ -140,7 +147,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = None if config.tie_word_embeddings else DenseLinear(config.hidden_size, config.vocab_size, bias=False)
         self.rope: RopeTable | None = None  # built by `build_model` once the device and dtype are known
         # Tensor parallelism: the embedding and the head hold this rank's rows of the vocabulary (engine/parallel).
         self.tp: TensorParallel | None = None
@@ -167,14 +174,33 @@ class LlamaModel(nn.Module):
             x = layer(x, cos, sin, kp, vp, meta)
         return self.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+    def compute_logits(self, hidden: torch.Tensor, invariant: bool = False) -> torch.Tensor | None:
         """Float32 logits `[rows, vocab]`; under tensor parallelism every rank computes its vocabulary rows and
-        rank 0 gets them all (the other ranks get None)."""
-        if self.lm_head is None:  # tied to the embedding
-            logits = F.linear(hidden, self.embed_tokens.weight).float()
-        else:
-            logits = self.lm_head(hidden).float()
+        rank 0 gets them all (the other ranks get None). `invariant`: each row's logits as it has them alone
+        (at most the head's `invariant_rows` rows per call, engine/invariance.py)."""
+        head = self.output_head
+        logits = (run_rows(head.row_fn, hidden, head.invariant_rows) if invariant else head(hidden)).float()
         return logits if self.tp is None else self.tp.gather_logits(logits)
+
+    @property
+    def output_head(self) -> nn.Module:
+        """The output layer: `lm_head`, or for a tied checkpoint a layer over the embedding itself."""
+        if self.lm_head is not None:
+            return self.lm_head
+        head = self.__dict__.get("_tied_head")
+        if head is None or head.weight is not self.embed_tokens.weight:
+            # Kept out of the module tree (not a submodule): its one parameter is the embedding's.
+            head = self.__dict__["_tied_head"] = DenseLinear.sharing(self.embed_tokens.weight)
+        return head
+
+    def check_rows(self, check: RowCheck) -> None:
+        """Set every linear layer's `invariant_rows` (engine/invariance.py): one check per kind and shape."""
+        layers = [getattr(layer, name) for layer in self.layers for name in LINEAR_NAMES] + [self.output_head]
+        for lin in layers:
+            w_dtype = self.norm.weight.dtype
+            key = (type(lin).__name__, lin.out_features, lin.in_features, lin.bias is not None, w_dtype)
+            lin.invariant_rows = check.invariant_rows(key, lin.row_fn, lin.in_features, w_dtype,
+                                                      self.norm.weight.device)
 
     def replace_linears(self, make: Callable[[torch.Tensor, torch.Tensor | None], nn.Module], make_head=None) -> None:
         """Rebuild every linear layer with `make(weight, bias)` and the output head with `make_head(weight,
@@ -220,9 +246,11 @@ def build_model(
     device,
     pack_weights: bool = True,
     quantization: str | None = None,
+    batch_invariant: bool = False,
 ) -> LlamaModel:
     """Allocate the model without random init (meta device), fill it from the checkpoint, then quantize its
-    linear layers (`quantization` "int8", "int4" or "auto", see engine/quant.py) or pack them for CPU."""
+    linear layers (`quantization` "int8", "int4" or "auto", see engine/quant.py) or pack them for CPU.
+    `batch_invariant`: check how many rows each layer's kernel takes at once with unchanged results."""
     with torch.device("meta"):
         model = LlamaModel(config)
     model = model.to_empty(device=device).to(dtype)
@@ -237,4 +265,6 @@ def build_model(
                               lambda w, b: quantize_linear(w, b, "int8", dtype))
     elif pack_weights and can_pack(torch.device(device), dtype):
         model.replace_linears(PackedLinear)
+    if batch_invariant:
+        model.check_rows(RowCheck())
     return model

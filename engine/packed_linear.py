@@ -9,6 +9,7 @@ Results equal `F.linear` exactly in bfloat16 and to float32 rounding (a differen
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 
@@ -56,14 +57,26 @@ _LINEAR = torch.ops.mkldnn._linear_pointwise.default if hasattr(torch.ops.mkldnn
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
-    """True when this PyTorch build and device can run pre-packed oneDNN linear layers."""
+    """True when this PyTorch build, CPU and device can run pre-packed oneDNN linear layers."""
     return (
         device.type == "cpu"
         and dtype in _PACKABLE_DTYPES
         and torch.backends.mkldnn.is_available()
         and _LINEAR is not None
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and _cpu_packs(dtype)
     )
+
+
+@functools.cache
+def _cpu_packs(dtype: torch.dtype) -> bool:
+    """oneDNN packs bfloat16 only on CPUs with AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT; an AVX2-only CPU (AMD Zen 3)
+    refuses at packing time, so a tiny weight is packed once to find out (the rule is oneDNN's, not ours)."""
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype))
+    except RuntimeError:
+        return False
+    return True
 
 
 class PackedLinear(nn.Module):
@@ -77,6 +90,10 @@ class PackedLinear(nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
         self.bias = None if bias is None else bias.detach().contiguous()
 
+    # Batch invariance (engine/invariance.py): rows one call may take with each row's result unchanged,
+    # found by `RowCheck` when the model is built (1 until then: one row per call).
+    invariant_rows = 1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() > EXACT_ROWS * self.in_features:
             return run_bucketed(self._linear, x)
@@ -84,6 +101,13 @@ class PackedLinear(nn.Module):
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
         return _LINEAR(x, self.packed, self.bias, "none", [], "")
+
+    row_fn = _linear  # decode rows: the exact row count, at most `invariant_rows` per call
+
+    def tile_fn(self, size: int):
+        """A prompt tile's product, and whether the tile is padded to `size` rows (only when this kernel's
+        rows are not invariant up to that count)."""
+        return self._linear, self.invariant_rows < size
 
     # Called ~120 times per decoded token: skip nn.Module's hook dispatch (these layers take no hooks).
     __call__ = forward
@@ -95,3 +119,24 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class DenseLinear(nn.Linear):
+    """`nn.Linear` with the batch-invariance interface of the other layers (engine/invariance.py): the dense
+    layer of dtypes or CPUs oneDNN does not pack (float16; bfloat16 without AVX-512), and on GPUs."""
+
+    invariant_rows = 1
+
+    def row_fn(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def tile_fn(self, size: int):
+        return self.row_fn, self.invariant_rows < size
+
+    @classmethod
+    def sharing(cls, weight: torch.Tensor) -> "DenseLinear":
+        """A bias-free layer over `weight` itself (no copy): a tied output head."""
+        with torch.device("meta"):
+            layer = cls(weight.shape[1], weight.shape[0], bias=False)
+        layer.weight = nn.Parameter(weight, requires_grad=False)
+        return layer

@@ -77,14 +77,23 @@ class Int8Linear(nn.Module):
         self.qweight = (w / self.scales.float().unsqueeze(1)).round_().clamp_(-127, 127).to(torch.int8)
         self.bias = None if bias is None else bias.detach().to(act_dtype).contiguous()
 
+    invariant_rows = 1  # rows per kernel call with each row's result unchanged (engine/invariance.py)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)
         if x2d.shape[0] > QUANT_MAX_ROWS:
             return run_bucketed(self._dense, x)
-        y = torch.ops.aten._weight_int8pack_mm(x2d, self.qweight, self.scales).view(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+        return self.row_fn(x2d).view(*x.shape[:-1], self.out_features)
 
     __call__ = forward  # hot path: skip nn.Module's hook dispatch (these layers take no hooks)
+
+    def row_fn(self, x2d: torch.Tensor) -> torch.Tensor:
+        """The kernel at any row count (it streams the int8 weight once per row)."""
+        y = torch.ops.aten._weight_int8pack_mm(x2d, self.qweight, self.scales)
+        return y if self.bias is None else y + self.bias
+
+    def tile_fn(self, size: int):
+        return _quantized_tile_fn(self, size)
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -121,15 +130,22 @@ class Int4Linear(nn.Module):
         self.scales_and_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous()
         self.bias = None if bias is None else bias.detach().to(act_dtype).contiguous()
 
+    invariant_rows = 1  # rows per kernel call with each row's result unchanged (engine/invariance.py)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)
         if x2d.shape[0] > QUANT_MAX_ROWS:
             return run_bucketed(self._dense, x)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.packed, INT4_GROUP_SIZE, self.scales_and_zeros)
-        y = y.view(*x.shape[:-1], self.out_features)
-        return y if self.bias is None else y + self.bias
+        return self.row_fn(x2d).view(*x.shape[:-1], self.out_features)
 
     __call__ = forward
+
+    def row_fn(self, x2d: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.packed, INT4_GROUP_SIZE, self.scales_and_zeros)
+        return y if self.bias is None else y + self.bias
+
+    def tile_fn(self, size: int):
+        return _quantized_tile_fn(self, size)
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -149,6 +165,16 @@ class Int4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _quantized_tile_fn(layer: "Int8Linear | Int4Linear", size: int):
+    """A prompt tile of `size` rows (engine/invariance.py): up to QUANT_MAX_ROWS rows through the kernel, as
+    decode rows go; a larger tile dense, over the weight dequantized once for all of a step's tiles and
+    padded to `size` rows (a dense product's rounding may depend on its row count)."""
+    if size <= QUANT_MAX_ROWS:
+        return layer.row_fn, False
+    weight, bias = layer.weight, layer.bias
+    return (lambda x: F.linear(x, weight, bias)), True
 
 
 def can_int4(shape: torch.Size | tuple[int, int]) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -11,6 +12,7 @@ from engine.attention import (AttentionMetadata, DecodeBatch, PrefillSegment, Si
                               group_by_length)
 from engine.capture import CaptureSink
 from engine.config import ModelConfig
+from engine.invariance import RowPlan, RowTile, padded_keys, prompt_tile
 from engine.kv_cache import EVICTED, BlockManager, BlockTable, KVCache
 from engine.kv_policy import KVPolicy
 from engine.model import LlamaModel
@@ -46,6 +48,64 @@ class ScheduledSeq:
 
 
 @dataclass
+class DecodeRow:
+    """One query row of a decode batch: the token of `seq` at `position`, attending to the keys before it."""
+
+    seq: Sequence
+    position: int
+
+
+@dataclass
+class Segment:
+    """Prompt positions [start, start + num_tokens) of `seq` computed together: a chunk, or with batch
+    invariance the part of one prompt tile (`tile_start`, `tile_size`) that this step computes."""
+
+    seq: Sequence
+    start: int
+    num_tokens: int
+    tile_start: int = 0
+    tile_size: int = 0
+
+
+@dataclass
+class StepLayout:
+    """The flat batch of one step in row order: the decode rows, then the prompt segments."""
+
+    decode: list[DecodeRow]
+    segments: list[Segment]
+
+    def token_ids(self) -> list[int]:
+        ids = [r.seq.token_ids[r.position] for r in self.decode]
+        for seg in self.segments:
+            ids += seg.seq.token_ids[seg.start : seg.start + seg.num_tokens]
+        return ids
+
+    def positions(self) -> list[int]:
+        positions = [r.position for r in self.decode]
+        for seg in self.segments:
+            positions += range(seg.start, seg.start + seg.num_tokens)
+        return positions
+
+    def row_of(self) -> dict[tuple[int, int], int]:
+        """(seq_id, position) -> its row in the flat batch."""
+        rows = {(r.seq.seq_id, r.position): i for i, r in enumerate(self.decode)}
+        row = len(self.decode)
+        for seg in self.segments:
+            rows.update(((seg.seq.seq_id, seg.start + j), row + j) for j in range(seg.num_tokens))
+            row += seg.num_tokens
+        return rows
+
+    def row_plan(self) -> RowPlan:
+        """How the linear layers run these rows with batch invariance (engine/invariance.py)."""
+        tiles = [RowTile(0, len(self.decode))] if self.decode else []
+        row = len(self.decode)
+        for seg in self.segments:
+            tiles.append(RowTile(row, seg.num_tokens, seg.tile_size, seg.start - seg.tile_start))
+            row += seg.num_tokens
+        return RowPlan(tiles)
+
+
+@dataclass
 class ForwardOutput:
     logits: torch.Tensor  # [sum of num_logits over `sampled`, vocab] float32
     sampled: list[Sequence]  # sequences that reached their last token, in logits-row order
@@ -66,6 +126,7 @@ class StepInputs:
     max_position: int
     logit_rows: list[slice | list[int]]  # rows of the hidden states that get logits, one output head call each
     use_cache: bool = True  # False: attention over the new tokens only, the pools untouched (`full_logits`)
+    batch_invariant: bool = False  # each logits row as alone (engine/invariance.py)
 
 
 def run_step(model: LlamaModel, kv_cache: KVCache, step: StepInputs, sinks: list[CaptureSink]) -> list:
@@ -74,72 +135,117 @@ def run_step(model: LlamaModel, kv_cache: KVCache, step: StepInputs, sinks: list
     hidden = model(step.input_ids, step.positions, step.meta, *pools, step.max_position)
     for sink in sinks:
         sink.finish()
-    return [model.compute_logits(hidden[rows]) for rows in step.logit_rows]
+    return [model.compute_logits(hidden[rows], step.batch_invariant) for rows in step.logit_rows]
 
 
 class ModelRunner:
     """Turns scheduled sequences into a step and runs it: alone, or as rank 0 of tensor-parallel `workers`
-    (engine/parallel), whose model is this rank's shard (`config` is then the whole model's)."""
+    (engine/parallel), whose model is this rank's shard (`config` is then the whole model's).
+
+    `batch_invariant` (engine/invariance.py): prompt rows in fixed tiles, decode rows through row-count-checked
+    kernels and attention per row, so that no row's arithmetic depends on the rest of the step."""
 
     def __init__(self, model: LlamaModel, kv_cache: KVCache, blocks: BlockManager, device: torch.device,
-                 config: ModelConfig | None = None, workers: WorkerGroup | None = None):
+                 config: ModelConfig | None = None, workers: WorkerGroup | None = None,
+                 batch_invariant: bool = False):
         self.model = model
         self.kv_cache = kv_cache
         self.blocks = blocks
         self.device = device
         self.config = config or (model.config if model is not None else None)
         self.workers = workers
+        self.batch_invariant = batch_invariant
 
     @torch.inference_mode()
     def run(self, work: list[ScheduledSeq]) -> ForwardOutput:
         """One forward pass over all scheduled work; commits the new tokens to each block table.
 
         The caller (scheduler or session) has reserved the blocks: one reservation per sequence per step."""
-        # Decode rows sorted by context length, so that rows of similar length share one padded batch.
-        decode = sorted((w for w in work if w.is_decode), key=lambda w: self._num_keys(w.seq, self.blocks))
-        prefill = [w for w in work if not w.is_decode]
-        ordered = decode + prefill  # decode rows lead the flat batch
-        ids, positions = [], []
-        for w in ordered:
-            s, start = w.seq, w.seq.num_computed
-            ids += s.token_ids[start : start + w.num_tokens]
-            positions += range(start, start + w.num_tokens)
+        layout = self._layout(work)
         cfg = self.model.config  # under tensor parallelism, this rank's shard: its heads are captured here
         captures = {
             w.seq.seq_id: w.seq.capture.sink(cfg.num_hidden_layers, cfg.num_attention_heads, w.num_logits,
-                                             w.seq.num_computed + w.num_tokens, every_head=self.workers is not None)
-            for w in ordered if w.seq.capture is not None
+                                             w.seq.num_computed + w.num_tokens, every_head=self.workers is not None,
+                                             chunk_start=w.seq.num_computed)
+            for w in work if w.seq.capture is not None
         }
-        meta = self._metadata(ordered, decode, prefill, captures, self.blocks)
+        meta = self._metadata(layout, captures, self.blocks)
         if (tier := self.blocks.window) is not None:  # head-aware eviction: the window heads' pool too
             pool = tier.blocks.kv_cache
-            meta.window = WindowAttention(self._metadata(ordered, decode, prefill, {}, tier.blocks),
-                                          pool.k, pool.v, tier.splits)
-        logit_rows, prompt_parts, sampled = self._logit_rows(ordered)
-        step = StepInputs(self._tensor(ids), self._tensor(positions), meta, max(positions), logit_rows)
+            meta.window = WindowAttention(self._metadata(layout, {}, tier.blocks), pool.k, pool.v, tier.splits)
+        logit_rows, prompt_parts, sampled = self._logit_rows(work, layout)
+        positions = layout.positions()
+        step = StepInputs(self._tensor(layout.token_ids()), self._tensor(positions), meta, max(positions),
+                          logit_rows, batch_invariant=self.batch_invariant)
         logits, captures = self._execute(step, captures)
-        for w in ordered:
-            self.blocks.commit(w.seq.block_table, w.seq.token_ids, w.seq.num_computed + w.num_tokens)
+        for w in work:
+            self.blocks.commit(w.seq.block_table, w.seq.token_ids, w.seq.num_computed + w.num_tokens,
+                               self._shareable(w.seq))
         prompt_logits = [(seq, first, part) for (seq, first), part in zip(prompt_parts, logits)]
         last = logits[-1] if sampled else torch.empty(0, 0, device=self.device)
         return ForwardOutput(last, sampled, captures, prompt_logits)
 
-    def _logit_rows(self, ordered: list[ScheduledSeq]) -> tuple[list, list[tuple[Sequence, int]], list[Sequence]]:
+    def _shareable(self, seq: Sequence) -> int | None:
+        """Tokens of `seq` whose cached K/V another request may reuse: with batch invariance only its prompt's,
+        which every request computes in the same tiles (its generated tokens were decode rows); else all."""
+        return seq.num_prompt_tokens if self.batch_invariant else None
+
+    def _layout(self, work: list[ScheduledSeq]) -> StepLayout:
+        """Which positions are decode rows and which prompt segments, in flat-batch order: decode rows first
+        (sorted by context length, so that rows of similar length share a batch), then the segments."""
+        decode: list[DecodeRow] = []
+        segments: list[Segment] = []
+        for w in work:
+            start, end = w.seq.num_computed, w.seq.num_computed + w.num_tokens
+            # With batch invariance a prompt's last token is a tile row even when a chunk leaves it alone.
+            if w.is_decode and not (self.batch_invariant and start < w.seq.num_prompt_tokens):
+                decode.append(DecodeRow(w.seq, start))
+                continue
+            # Batch invariance: the generated tokens of a recomputed (preempted) sequence are decode rows
+            # again, as when they were first computed (not with eviction, whose recompute differs anyway).
+            split = end
+            if self.batch_invariant and w.num_logits == 1 and self._recomputes_as_decode(w.seq):
+                split = min(max(start, w.seq.num_prompt_tokens), end)
+                decode += [DecodeRow(w.seq, p) for p in range(split, end)]
+            if split > start:
+                segments += self._segments(w.seq, start, split)
+        decode.sort(key=lambda r: self._num_keys(r.seq, r.position + 1, self.blocks))
+        return StepLayout(decode, segments)
+
+    def _recomputes_as_decode(self, seq: Sequence) -> bool:
+        return seq.kv_policy is None and self.blocks.window is None
+
+    def _segments(self, seq: Sequence, start: int, end: int) -> list[Segment]:
+        """Positions [start, end) of `seq` as one prompt segment, or with batch invariance one per tile."""
+        if not self.batch_invariant:
+            return [Segment(seq, start, end - start)]
+        segments = []
+        while start < end:
+            tile_start, size = prompt_tile(start)
+            stop = min(end, tile_start + size)
+            segments.append(Segment(seq, start, stop - start, tile_start, size))
+            start = stop
+        return segments
+
+    def _logit_rows(self, work: list[ScheduledSeq], layout: StepLayout
+                    ) -> tuple[list, list[tuple[Sequence, int]], list[Sequence]]:
         """Which rows of the flat batch get logits: first each prompt-logprobs chunk's positions whose next token
         is in the prompt (with the sequence and the first prompt position they score), then one row per
         sampled logit of the sequences that reach their last token."""
-        logit_rows, prompt_parts, sampled, sample_rows, row = [], [], [], [], 0
-        for w in ordered:
-            start = w.seq.num_computed
-            if w.seq.prompt_logprobs is not None and w.seq.computes_whole_prompt:
-                n = min(w.num_tokens, w.seq.num_prompt_tokens - 1 - start)
-                if n > 0:
-                    logit_rows.append(slice(row, row + n))
-                    prompt_parts.append((w.seq, start + 1))
-            row += w.num_tokens
+        logit_rows, prompt_parts, sampled, sample_rows = [], [], [], []
+        row_of = layout.row_of()
+        for w in work:
+            seq, start = w.seq, w.seq.num_computed
+            if seq.prompt_logprobs is not None and seq.computes_whole_prompt:
+                n = min(w.num_tokens, seq.num_prompt_tokens - 1 - start)
+                if n > 0:  # prompt positions: one segment's rows, or consecutive tiles'
+                    first = row_of[seq.seq_id, start]
+                    logit_rows.append(slice(first, first + n))
+                    prompt_parts.append((seq, start + 1))
             if w.reaches_end:
-                sample_rows += range(row - w.num_logits, row)
-                sampled.append(w.seq)
+                end = start + w.num_tokens
+                sample_rows += [row_of[seq.seq_id, p] for p in range(end - w.num_logits, end)]
+                sampled.append(seq)
         if sample_rows:
             logit_rows.append(sample_rows)
         return logit_rows, prompt_parts, sampled
@@ -159,18 +265,19 @@ class ModelRunner:
             joined = join_captures(tp, sinks, self.config.num_attention_heads)
         return logits, dict(zip(captures, joined))
 
-    def _metadata(self, ordered: list[ScheduledSeq], decode: list[ScheduledSeq], prefill: list[ScheduledSeq],
-                  captures: dict[int, CaptureSink], tier: BlockManager) -> AttentionMetadata:
+    def _metadata(self, layout: StepLayout, captures: dict[int, CaptureSink], tier: BlockManager) -> AttentionMetadata:
         """Where the flat batch's K/V go and what each row reads, through `tier`'s blocks (`self.blocks`, or
         with head-aware eviction the window heads' `self.blocks.window.blocks`)."""
         slots = []
-        for w in ordered:
-            start = w.seq.num_computed
-            slots += tier.slots(self._table(w.seq, tier), start, start + w.num_tokens)
+        for row in layout.decode:
+            slots += tier.slots(self._table(row.seq, tier), row.position, row.position + 1)
+        for seg in layout.segments:
+            slots += tier.slots(self._table(seg.seq, tier), seg.start, seg.start + seg.num_tokens)
         return AttentionMetadata(
             slot_mapping=self._tensor(slots),
-            decode=self._decode_batches(decode, captures, tier),
-            prefills=self._prefill_segments(prefill, len(decode), captures, tier),
+            decode=self._decode_batches(layout.decode, captures, tier),
+            prefills=self._prefill_segments(layout, captures, tier),
+            row_plan=layout.row_plan() if self.batch_invariant else None,
         )
 
     def _table(self, seq: Sequence, tier: BlockManager) -> BlockTable:
@@ -179,36 +286,43 @@ class ModelRunner:
     def _policy(self, seq: Sequence, tier: BlockManager) -> KVPolicy | None:
         return seq.kv_policy if tier is self.blocks else self.blocks.window.policy
 
-    def _decode_batches(self, decode: list[ScheduledSeq], captures: dict[int, CaptureSink],
+    def _decode_batches(self, decode: list[DecodeRow], captures: dict[int, CaptureSink],
                         tier: BlockManager) -> list[DecodeBatch]:
-        """Split the (length-sorted) decode rows into batches that waste little attention on padding."""
+        """Split the (length-sorted) decode rows into batches: rows of one padded key count with batch
+        invariance, else runs that waste little attention on padding."""
         batches, start = [], 0
-        lens = [self._num_keys(w.seq, tier) for w in decode]
-        for size in group_by_length(lens, DECODE_MAX_PADDING, DECODE_MAX_KEYS):
+        lens = [self._num_keys(r.seq, r.position + 1, tier) for r in decode]
+        if self.batch_invariant:
+            sizes = [len(list(run)) for _, run in itertools.groupby(padded_keys(n) for n in lens)]
+        else:
+            sizes = group_by_length(lens, DECODE_MAX_PADDING, DECODE_MAX_KEYS)
+        for size in sizes:
             batches.append(self._decode_batch(decode[start : start + size], captures, tier))
             start += size
         return batches
 
-    def _decode_batch(self, decode: list[ScheduledSeq], captures: dict[int, CaptureSink],
+    def _decode_batch(self, decode: list[DecodeRow], captures: dict[int, CaptureSink],
                       tier: BlockManager) -> DecodeBatch:
-        contexts = [self._context(w.seq, w.seq.num_tokens, tier) for w in decode]
+        contexts = [self._context(r.seq, r.position + 1, tier) for r in decode]
         lens = [num_keys for _, num_keys in contexts]
-        key_slots = self._key_slots([blocks for blocks, _ in contexts], max(lens))
+        width = padded_keys(max(lens)) if self.batch_invariant else max(lens)
+        key_slots = self._key_slots([blocks for blocks, _ in contexts], width)
         mask = None
-        if min(lens) != max(lens):
-            valid = torch.arange(max(lens)).unsqueeze(0) < torch.tensor(lens).unsqueeze(1)
+        if min(lens) != width:
+            valid = torch.arange(width).unsqueeze(0) < torch.tensor(lens).unsqueeze(1)
             mask = valid.view(len(lens), 1, 1, -1).to(self.device)
-        sinks = [captures.get(w.seq.seq_id) for w in decode]
+        # A sequence's sink takes its last row (a recomputed sequence has several decode rows, one sampled).
+        sinks = [captures.get(r.seq.seq_id) if r.position == r.seq.num_tokens - 1 else None for r in decode]
         return DecodeBatch(key_slots, mask, lens, sinks if any(s is not None for s in sinks) else None,
-                           self._sink_rotation([w.seq for w in decode], lens, tier))
+                           self._sink_rotation(decode, lens, tier), per_row=self.batch_invariant)
 
-    def _sink_rotation(self, seqs: list[Sequence], lens: list[int], tier: BlockManager) -> SinkRotation | None:
+    def _sink_rotation(self, decode: list[DecodeRow], lens: list[int], tier: BlockManager) -> SinkRotation | None:
         """StreamingLLM positions (engine/kv_policy.py): rows with evicted tokens see their sink keys moved
         forward by the number evicted, so that the sink sits just before the window as in the cache."""
         bs = self.blocks.block_size
         rows, num_sink, shifts = [], [], []
-        for i, (seq, num_keys) in enumerate(zip(seqs, lens)):
-            policy = self._policy(seq, tier)
+        for i, (row, num_keys) in enumerate(zip(decode, lens)):
+            seq, policy = row.seq, self._policy(row.seq, tier)
             if policy is not None and policy.streaming and policy.sink and num_keys < seq.num_tokens:
                 rows.append(i)
                 num_sink.append(policy.sink_blocks(bs) * bs)
@@ -218,15 +332,18 @@ class ModelRunner:
         cos, signed_sin = self.model.rope.lookup(self._tensor(shifts), max(shifts))
         return SinkRotation(rows, num_sink, cos.squeeze(1), signed_sin.squeeze(1))
 
-    def _prefill_segments(
-        self, prefill: list[ScheduledSeq], start: int, captures: dict[int, CaptureSink], tier: BlockManager
-    ) -> list[PrefillSegment]:
-        segments = []
-        for w in prefill:
-            blocks, num_keys = self._context(w.seq, w.seq.num_computed + w.num_tokens, tier)
+    def _prefill_segments(self, layout: StepLayout, captures: dict[int, CaptureSink],
+                          tier: BlockManager) -> list[PrefillSegment]:
+        """Each segment reads every key up to its end: with batch invariance up to its tile's end (the keys
+        after its rows are masked by causality), so that its attention has the tile's shape."""
+        segments, row = [], len(layout.decode)
+        for seg in layout.segments:
+            keys_end = seg.tile_start + seg.tile_size if seg.tile_size else seg.start + seg.num_tokens
+            blocks, num_keys = self._context(seg.seq, keys_end, tier)
             key_slots = self._key_slots([blocks], num_keys)[0]
-            segments.append(PrefillSegment(start, w.num_tokens, key_slots, captures.get(w.seq.seq_id)))
-            start += w.num_tokens
+            segments.append(PrefillSegment(row, seg.num_tokens, key_slots, captures.get(seg.seq.seq_id),
+                                           seg.tile_size, seg.start - seg.tile_start))
+            row += seg.num_tokens
         return segments
 
     def _context(self, seq: Sequence, length: int, tier: BlockManager) -> tuple[list[int], int]:
@@ -239,9 +356,9 @@ class ModelRunner:
         kept = [b for b in blocks if b != EVICTED]
         return kept, length - (len(blocks) - len(kept)) * self.blocks.block_size
 
-    def _num_keys(self, seq: Sequence, tier: BlockManager) -> int:
-        """Keys the newest token of `seq` attends to in `tier`."""
-        return seq.num_tokens if self._policy(seq, tier) is None else self._context(seq, seq.num_tokens, tier)[1]
+    def _num_keys(self, seq: Sequence, length: int, tier: BlockManager) -> int:
+        """Keys the token at position `length - 1` of `seq` attends to in `tier`."""
+        return length if self._policy(seq, tier) is None else self._context(seq, length, tier)[1]
 
     def _key_slots(self, block_lists: list[list[int]], length: int) -> torch.Tensor:
         """`[len(block_lists), length]` cache slots of the first `length` keys through each list of blocks."""

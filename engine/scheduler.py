@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from engine.invariance import tile_boundary_below
 from engine.kv_cache import BlockManager
 from engine.runner import ScheduledSeq
 from engine.sequence import Sequence, SequenceStatus
@@ -14,6 +15,9 @@ from engine.sequence import Sequence, SequenceStatus
 class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512  # new tokens per step, decode rows and prefill chunks together
+    # Batch invariance (engine/invariance.py): a prompt chunk cut short by the budget ends on a tile boundary,
+    # so that no tile is computed twice (its rows would be right either way, at twice the cost).
+    tile_aligned_chunks: bool = False
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -106,6 +110,8 @@ class Scheduler:
         n = min(seq.num_tokens - seq.num_computed, budget)
         if policy is not None and (run := self.blocks.held_run(table, seq.num_computed)) is not None:
             n = min(n, run)
+        if self.config.tile_aligned_chunks and seq.num_computed + n < seq.num_prompt_tokens:
+            n = tile_boundary_below(seq.num_computed, seq.num_computed + n) - seq.num_computed
         return n
 
     def _make_room(self, seq: Sequence, num_new: int) -> bool:

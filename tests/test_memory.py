@@ -46,8 +46,8 @@ def test_onednn_caches_are_capped_at_import():
 
 
 @pytest.mark.skipif(not can_pack(CPU, torch.bfloat16),
-                    reason="PackedLinear, compared here with F.linear, needs oneDNN's packed weight layout, which this "
-                           "PyTorch build lacks (no mkldnn)")
+                    reason="PackedLinear, compared here with F.linear, needs oneDNN's packed bfloat16 layout, which "
+                           "this PyTorch build or CPU lacks (no mkldnn, or no AVX-512)")
 @pytest.mark.parametrize("rows", [65, 100, 300])
 def test_padded_rows_give_the_same_result(rows):
     g = torch.Generator().manual_seed(rows)

@@ -15,7 +15,21 @@ CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(not can_pack(CPU, torch.float32), reason="this PyTorch build has no oneDNN packing")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+BF16 = pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not can_pack(CPU, torch.bfloat16), reason="oneDNN packs bfloat16 only with AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT; "
+                                               "this CPU has neither, so bfloat16 layers stay dense here"))
+
+
+def test_bfloat16_packing_follows_the_cpu():
+    """An AVX2-only CPU (AMD Zen 3) refuses to pack bfloat16: the model then keeps dense layers, never fails."""
+    if can_pack(CPU, torch.bfloat16):
+        PackedLinear(torch.randn(32, 32, dtype=torch.bfloat16))
+    else:
+        with pytest.raises(RuntimeError, match="bf16"):
+            PackedLinear(torch.randn(32, 32, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [1, 5, 64])
 def test_packed_equals_f_linear(dtype, bias, rows):

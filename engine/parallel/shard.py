@@ -105,6 +105,7 @@ class RankSpec:
     pack_weights: bool
     quantization: str | None
     cache: CacheConfig | None  # num_blocks resolved by rank 0: every rank's pool has the same blocks; None: no pool
+    batch_invariant: bool = False  # check each layer's row-invariant row count (engine/invariance.py)
 
 
 def load_rank(spec: RankSpec, config: ModelConfig, device: torch.device,
@@ -114,7 +115,8 @@ def load_rank(spec: RankSpec, config: ModelConfig, device: torch.device,
     size, rank = (tp.world_size, tp.rank) if tp is not None else (1, 0)
     local = rank_config(config, size)
     tensors = shard_weights(load_weights(spec.model_dir, config, spec.dtype), config, rank, size)
-    model = build_model(local, tensors, spec.dtype, device, spec.pack_weights, spec.quantization)
+    model = build_model(local, tensors, spec.dtype, device, spec.pack_weights, spec.quantization,
+                        spec.batch_invariant)
     del tensors
     if tp is not None:
         tp.vocab_size = config.vocab_size

@@ -38,7 +38,7 @@ class _SinkRef:
 @dataclass
 class StepHeader:
     """What travels pickled: the step without its tensors, their dtypes and shapes, and per capturing
-    sequence the capture spec, its number of rows and its context length."""
+    sequence the capture spec, its number of rows, its context length and its first position."""
 
     skeleton: StepInputs
     tensors: list[tuple]
@@ -50,7 +50,7 @@ def send_step(tp: TensorParallel, step: StepInputs, sinks: list[CaptureSink]) ->
     tensors: list = []
     skeleton = _strip(step, tensors, {id(s): i for i, s in enumerate(sinks)})
     specs = [(t.dtype, tuple(t.shape)) for t in tensors]
-    tp.broadcast_object(StepHeader(skeleton, specs, [(s.spec, s.num_rows, s.context) for s in sinks]))
+    tp.broadcast_object(StepHeader(skeleton, specs, [(s.spec, s.num_rows, s.context, s.chunk_start) for s in sinks]))
     tp.broadcast_tensors(tensors, specs)
 
 
@@ -63,8 +63,9 @@ def receive_step(tp: TensorParallel, model: LlamaModel) -> tuple[StepInputs, lis
     cfg = model.config
     sinks = [CaptureSink(spec, cfg.num_hidden_layers, cfg.num_attention_heads, rows, context,
                          # No norms kept across steps here: every step computes all of its keys' norms.
-                         ValueNorms(model, cfg.group_size) if spec.value_norms else None, every_head=True)
-             for spec, rows, context in header.captures]
+                         ValueNorms(model, cfg.group_size) if spec.value_norms else None, every_head=True,
+                         chunk_start=chunk_start)
+             for spec, rows, context, chunk_start in header.captures]
     return _fill(header.skeleton, tensors, sinks), sinks
 
 
