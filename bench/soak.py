@@ -12,7 +12,8 @@ and seed; about 30 % of requests close the stream after a random number of event
 the clients finish their current request (those still running after --drain seconds are cancelled).
 
 Canaries (`CANARIES`: greedy and seeded, on every route, one capturing attention): each is sent alone
-before the load, then one extra client sends them over and over during it, each read to the end; every
+before the load, then `--canary-clients` more clients (default 2) send them over and over during it, each
+read to the end; every
 answer must equal its answer alone, event for event (token ids, text, logprobs, attention rows; ids,
 timestamps and usage aside). That is the server's batch invariance (engine/invariance.py) under load.
 
@@ -26,7 +27,8 @@ and at the end, tokens/s (the server's `kvmini_generation_tokens_total` over the
 average, the scheduler's preemptions (`kvmini_preemptions_total`), the server's other /metrics counters,
 and its exit code after SIGTERM.
 
-Exit status 1 when: any canary answered otherwise than alone, any 5xx, any stream without its final event, any error event or unparsable event,
+Exit status 1 when: any canary answered otherwise than alone, any 5xx, any stream without its final
+event, any error event or unparsable event,
 a stream that ended with [DONE] but no finish_reason, any transport error (connection reset, timeout),
 KV blocks left in use, the server dying or not shutting down cleanly on SIGTERM, or (only with
 --check-rss) RSS growth >= 10 %. The failing requests are printed verbatim (route and body). Writes
@@ -268,8 +270,8 @@ def answer_text(events: list) -> str:
     return "".join(parts)
 
 
-async def canary_loop(client: httpx.AsyncClient, canaries: Canaries, stop: asyncio.Event) -> None:
-    i = 0
+async def canary_loop(client: httpx.AsyncClient, canaries: Canaries, stop: asyncio.Event, start: int = 0) -> None:
+    i = start
     while not stop.is_set():
         route, body = CANARIES[i % len(CANARIES)]
         got = await answer(client, route, body)
@@ -379,7 +381,8 @@ def warmup_s(duration_s: float) -> float:
 
 
 async def load_phase(url: str, pid: int, clients: int, duration_s: float, drain_s: float, seed: int,
-                     max_tokens: tuple[int, int], disconnect_rate: float, settle_s: float) -> dict:
+                     max_tokens: tuple[int, int], disconnect_rate: float, settle_s: float,
+                     canary_clients: int = 2) -> dict:
     text = english_text()
     c = Counters()
     stop = asyncio.Event()
@@ -395,7 +398,8 @@ async def load_phase(url: str, pid: int, clients: int, duration_s: float, drain_
         sampler = asyncio.create_task(sample_rss(pid, start, samples))
         tasks = [asyncio.create_task(client_loop(client, c, Workload(text, seed + i, max_tokens, disconnect_rate),
                                                  stop)) for i in range(clients)]
-        tasks.append(asyncio.create_task(canary_loop(client, canaries, stop)))
+        tasks += [asyncio.create_task(canary_loop(client, canaries, stop, start=i * len(CANARIES) // canary_clients))
+                  for i in range(canary_clients)]
         await asyncio.sleep(warmup_s(duration_s))
         rss_warm = rss_mib(pid)
         await asyncio.sleep(max(0.0, duration_s - (time.monotonic() - start)))
@@ -417,7 +421,7 @@ def run_soak(model_dir: Path | str = DEFAULT_MODEL, clients: int = 64, duration_
              kv_cache_memory: str = "4M", max_num_seqs: int = 16, max_tokens: tuple[int, int] = (4, 48),
              disconnect_rate: float = 0.3, seed: int = 0, drain_s: float = 60, settle_s: float = 5,
              server_args: list[str] | None = None, server_env: dict[str, str] | None = None,
-             server_log: Path | None = None, check_rss: bool = False) -> dict:
+             server_log: Path | None = None, check_rss: bool = False, canary_clients: int = 2) -> dict:
     """Start the server, run the soak, stop the server; the report as a dict (see `main` for its use).
 
     `report["failures"]` lists why the run failed (empty: it passed); `report["counters"]` has the counts."""
@@ -431,7 +435,7 @@ def run_soak(model_dir: Path | str = DEFAULT_MODEL, clients: int = 64, duration_
         try:
             wait_healthy(proc, url)
             phase = asyncio.run(load_phase(url, proc.pid, clients, duration_s, drain_s, seed, max_tokens,
-                                           disconnect_rate, settle_s))
+                                           disconnect_rate, settle_s, canary_clients))
             died = proc.poll() is not None
         finally:
             exit_code = stop_server(proc)
@@ -455,6 +459,7 @@ def run_soak(model_dir: Path | str = DEFAULT_MODEL, clients: int = 64, duration_
         "disconnect_rate": disconnect_rate,
         "counters": {k: v for k, v in asdict(c).items() if k != "failures"},
         "failed_requests": c.failures,
+        "canary_clients": canary_clients,
         "canaries_sent": phase["canaries"].sent,
         "canaries_mismatched": phase["canaries"].mismatched,
         "canary_mismatches": phase["canaries"].mismatches,
@@ -541,6 +546,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--drain", type=float, default=60, help="seconds the clients get to finish after the run")
     ap.add_argument("--check-rss", action="store_true", help=f"fail on RSS growth >= {RSS_LIMIT_PCT:.0f} %%")
+    ap.add_argument("--canary-clients", type=int, default=2, help="clients that send only the canaries")
     ap.add_argument("--server-arg", action="append", default=[], help="extra `kvmini serve` argument")
     ap.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
                     help="environment variable for the server process only")
@@ -551,7 +557,7 @@ def main() -> int:
                       max_num_seqs=args.max_num_seqs, max_tokens=(args.min_tokens, args.max_tokens),
                       disconnect_rate=args.disconnect_rate, seed=args.seed, drain_s=args.drain,
                       server_args=args.server_arg, server_env=dict(e.split("=", 1) for e in args.server_env),
-                      server_log=args.server_log, check_rss=args.check_rss)
+                      server_log=args.server_log, check_rss=args.check_rss, canary_clients=args.canary_clients)
     print_report(report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")

@@ -115,6 +115,19 @@ class RowCheck:
             self._results[key] = _check(fn, in_features, dtype, device)
         return self._results[key]
 
+    def moving_kernels(self) -> list[str]:
+        """The checked kernels and shapes whose rows move with the row count (key: kind, out, in, ...)."""
+        return [f"{key[0]} {key[2]}->{key[1]}" for key, rows in self._results.items() if rows == 1]
+
+
+def describe(linears: list) -> str:
+    """How batch invariance runs these layers, for start-up banners: "64 decode rows per call", or which
+    ones go one row per call."""
+    single = [lin for lin in linears if lin.invariant_rows == 1]
+    if not single:
+        return f"{min(lin.invariant_rows for lin in linears)} decode rows per call"
+    return f"{len(single)} of {len(linears)} layers one decode row per call (their kernels' rounding moves with M)"
+
 
 @torch.inference_mode()
 def _check(fn, in_features: int, dtype: torch.dtype, device: torch.device) -> int:

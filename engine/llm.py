@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from engine.capture import AttentionCapture
 from engine.config import ModelConfig
 from engine.head_plan import HeadPlan, head_aware_blocks
+from engine.invariance import describe as describe_invariance
 from engine.kv_cache import BlockManager, CacheConfig, kv_bytes_per_token
 from engine.kv_policy import KVPolicy
 from engine.engine import LLMEngine
@@ -169,6 +170,16 @@ class LLM:
             self.max_model_len,
             ec.kv_policy if ec.head_plan is None else None,  # with a head plan, the policy is the window heads'
         )
+
+    @property
+    def batch_invariance(self) -> str:
+        """Whether a request's results are independent of its batch, and how (engine/invariance.py)."""
+        if not self.engine_config.batch_invariant:
+            return "not batch-invariant"
+        # Above 2 ranks the all-reduce adds partial sums in an order that may follow the buffer's size.
+        ranks = self.engine_config.tensor_parallel_size
+        caveat = " (per rank: not across an all-reduce of 3+ ranks)" if ranks > 2 else ""
+        return f"batch-invariant{caveat}: {describe_invariance(self.model.linears())}"
 
     @property
     def max_model_len(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -18,6 +19,8 @@ from engine.quant import quantize_linear
 
 if TYPE_CHECKING:
     from engine.parallel.comm import TensorParallel
+
+log = logging.getLogger("kvmini.model")
 
 LINEAR_NAMES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 ROPE_TABLE_START = 4096  # positions the RoPE table holds at load (it doubles when a longer sequence comes)
@@ -81,7 +84,9 @@ class RopeTable:
     def lookup(self, positions: torch.Tensor, max_position: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`[T, 1, D]` cos and signed sin for `apply_rope` (`max_position`: the largest of `positions`)."""
         if max_position >= self.cos.shape[0]:
-            self._grow(max(2 * self.cos.shape[0], max_position + 1))
+            # A power of two: the vectorized cos/sin then cover every row with no scalar tail, so a grown
+            # table holds the old rows bit for bit (batch invariance, engine/invariance.py).
+            self._grow(1 << max(2 * self.cos.shape[0] - 1, max_position).bit_length())
         return self.cos.index_select(0, positions).unsqueeze(1), self.signed_sin.index_select(0, positions).unsqueeze(1)
 
 
@@ -193,14 +198,21 @@ class LlamaModel(nn.Module):
             head = self.__dict__["_tied_head"] = DenseLinear.sharing(self.embed_tokens.weight)
         return head
 
+    def linears(self) -> list[nn.Module]:
+        """Every linear layer, the output head last."""
+        return [getattr(layer, name) for layer in self.layers for name in LINEAR_NAMES] + [self.output_head]
+
     def check_rows(self, check: RowCheck) -> None:
-        """Set every linear layer's `invariant_rows` (engine/invariance.py): one check per kind and shape."""
-        layers = [getattr(layer, name) for layer in self.layers for name in LINEAR_NAMES] + [self.output_head]
-        for lin in layers:
-            w_dtype = self.norm.weight.dtype
-            key = (type(lin).__name__, lin.out_features, lin.in_features, lin.bias is not None, w_dtype)
-            lin.invariant_rows = check.invariant_rows(key, lin.row_fn, lin.in_features, w_dtype,
-                                                      self.norm.weight.device)
+        """Set every linear layer's `invariant_rows` (engine/invariance.py): one check per kind and shape.
+        A kernel whose rounding moves with the row count runs its decode rows one per call: invariant, slower,
+        and said in the log."""
+        dtype, device = self.norm.weight.dtype, self.norm.weight.device
+        for lin in self.linears():
+            key = (type(lin).__name__, lin.out_features, lin.in_features, lin.bias is not None, dtype)
+            lin.invariant_rows = check.invariant_rows(key, lin.row_fn, lin.in_features, dtype, device)
+        if slow := check.moving_kernels():
+            log.warning("batch invariance: on this CPU the rounding of %s depends on the row count; their decode "
+                        "rows run one per call (invariant, slower)", ", ".join(slow))
 
     def replace_linears(self, make: Callable[[torch.Tensor, torch.Tensor | None], nn.Module], make_head=None) -> None:
         """Rebuild every linear layer with `make(weight, bias)` and the output head with `make_head(weight,

@@ -81,7 +81,7 @@ def serve(args: argparse.Namespace) -> int:
           f"({int(stats['kv_blocks_total'])} KV blocks of {llm.blocks.block_size} tokens"
           f"{_window_blocks(stats)}; "
           f"{str(llm.engine_config.dtype).removeprefix('torch.')}, KV cache {llm.kv_cache.kv_cache_dtype}, "
-          f"linear layers: {describe(llm.model)}; "
+          f"linear layers: {describe(llm.model)}; {llm.batch_invariance}; "
           f"{f'{ranks} tensor-parallel ranks of ' if ranks > 1 else ''}"
           f"{torch.get_num_threads()} threads{', API key required' if api_key else ''})", flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=getattr(args, "log_level", "info"),
