@@ -61,7 +61,7 @@ class DecodeBatch:
     context_lens: list[int]
     captures: list[CaptureSink | None] | None = None
     sink_rotation: SinkRotation | None = None  # rows with StreamingLLM positions (engine/kv_policy.py)
-    # Batch invariance: every row attends in its own call (a batched call's rounding moved with the batch).
+    # Batch invariance: every row attends in its own call, over its own keys (`_attend_each_row`).
     per_row: bool = False
 
 
@@ -178,13 +178,11 @@ def _decode(q, k_pool, v_pool, batch: DecodeBatch, layer: int, scale: float) -> 
 
 
 def _attend_each_row(qg, keys, values, batch: DecodeBatch, scale: float) -> torch.Tensor:
-    """Batch invariance: one call per row (a batched call's rounding moved with the batch, float32 on two
-    threads), masked only where the row's keys fall short of the padded length."""
-    full, outs = keys.shape[2], []
-    for i, n in enumerate(batch.context_lens):
-        mask = None if n == full else batch.key_mask[i : i + 1]
-        outs.append(F.scaled_dot_product_attention(qg[i : i + 1], keys[i : i + 1], values[i : i + 1],
-                                                   attn_mask=mask, scale=scale))
+    """Batch invariance: each row in its own call over exactly its keys, unpadded and unmasked, so that its
+    shape is its own (a batched call's rounding moved with the batch and its padding: float32 on two
+    threads). The rows' keys are views of the batch's one gather, laid out as a gather of the row alone."""
+    outs = [F.scaled_dot_product_attention(qg[i : i + 1], keys[i : i + 1, :, :n], values[i : i + 1, :, :n],
+                                           scale=scale) for i, n in enumerate(batch.context_lens)]
     return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 

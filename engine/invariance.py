@@ -12,8 +12,7 @@ its rows out in two kinds whose arithmetic never depends on the rest of the step
   to the tile's end. A chunk boundary, a prefix-cache hit or a batch neighbour cannot move a row.
 - **decode rows**: tokens the engine generated (one per sequence per step, or many when a preempted
   sequence is recomputed) go through kernels whose per-row result was checked, when the model was built,
-  not to depend on the row count (`RowCheck`), and through attention run per row over its keys padded
-  to a multiple of `DECODE_KEY_QUANTUM`.
+  not to depend on the row count (`RowCheck`), and attend one row per call over exactly their keys.
 
 What is not covered: a different CPU, PyTorch build or thread count (kernels change); tensor parallelism
 (the all-reduce splits its buffer by size); a sink + window policy after preemption (the window's keys
@@ -32,13 +31,13 @@ import torch
 # about what a 1-row one does in weight traffic). Changing these changes every prompt's rounding.
 PROMPT_TILE_STEPS = ((32, 16), (64, 32))
 PROMPT_TILE = 64
-# A decode row's keys are padded (masked) to a multiple of this, so its attention shape is its own.
-DECODE_KEY_QUANTUM = 64
-# Row counts the load-time check covers; larger decode groups run in chunks of this many rows. Every count
-# up to 16, then those around each multiple of 8 (where kernels change their blocking).
+# Row counts the load-time check covers: every count up to 16, then those around each multiple of 8 up to
+# 64 (where kernels change their blocking), then the multiples of 64 up to a layer's `row_check_limit` (a
+# dense layer's: a 512-row prompt chunk then stays one call, not eight). Larger groups run in chunks.
 CHECKED_ROWS = 64
 CHECKED_COUNTS = sorted(set(range(2, 17)) | {m + d for m in range(24, CHECKED_ROWS + 1, 8) for d in (-1, 0, 1)}
                         - {CHECKED_ROWS + 1})
+DENSE_CHECKED_ROWS = 512
 
 
 def prompt_tile(position: int) -> tuple[int, int]:
@@ -56,10 +55,6 @@ def tile_boundary_below(start: int, end: int) -> int:
     where a budget-limited prompt chunk should stop, so that no tile is split over two steps."""
     tile_start, _ = prompt_tile(end)
     return tile_start if tile_start > start else end
-
-
-def padded_keys(num_keys: int) -> int:
-    return -(-num_keys // DECODE_KEY_QUANTUM) * DECODE_KEY_QUANTUM
 
 
 @dataclass
@@ -110,9 +105,9 @@ class RowCheck:
         self._results: dict[tuple, int] = {}
 
     def invariant_rows(self, key: tuple, fn: Callable[[torch.Tensor], torch.Tensor], in_features: int,
-                       dtype: torch.dtype, device: torch.device) -> int:
+                       dtype: torch.dtype, device: torch.device, limit: int = CHECKED_ROWS) -> int:
         if key not in self._results:
-            self._results[key] = _check(fn, in_features, dtype, device)
+            self._results[key] = _check(fn, in_features, dtype, device, limit)
         return self._results[key]
 
     def moving_kernels(self) -> list[str]:
@@ -130,27 +125,43 @@ def describe(linears: list) -> str:
 
 
 @torch.inference_mode()
-def _check(fn, in_features: int, dtype: torch.dtype, device: torch.device) -> int:
+def _check(fn, in_features: int, dtype: torch.dtype, device: torch.device, limit: int) -> int:
+    """The largest checked row count up to which every checked count keeps row 0's and the last row's results
+    (1: none above 1 does)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(CHECKED_ROWS, in_features, generator=g).to(dtype=dtype, device=device)
-    first = fn(x[:1])
-    for m in CHECKED_COUNTS:
+    x = torch.randn(limit, in_features, generator=g).to(dtype=dtype, device=device)
+    first, passed = fn(x[:1]), 1
+    for m in CHECKED_COUNTS + list(range(2 * CHECKED_ROWS, limit + 1, CHECKED_ROWS)):
         y = fn(x[:m])
         if not (torch.equal(y[:1], first) and torch.equal(y[m - 1 : m], fn(x[m - 1 : m]))):
-            return 1
-    return CHECKED_ROWS
+            break
+        passed = m
+    return passed if passed >= CHECKED_ROWS else 1
 
 
 def apply_plan(layer, x: torch.Tensor, plan: RowPlan) -> torch.Tensor:
     """A linear layer (PackedLinear, DenseLinear, Int8Linear, Int4Linear) on the flat batch `x` `[T, in]`
-    laid out by `plan`: decode rows in calls of at most `layer.invariant_rows` rows; each prompt tile through
-    `layer.tile_fn(size)`, which says whether the tile must be padded to its size (a kernel whose result
-    depends on the row count) or may run its real rows as decode rows do (one checked not to)."""
-    parts, fns = [], {}
+    laid out by `plan`, every call at a row count the layer's check covered: decode rows in calls of at most
+    64 (and at most `layer.invariant_rows`); consecutive full 64-row tiles together, up to
+    `layer.invariant_rows` rows (the multiples of 64 were checked); any other tile alone, through
+    `layer.tile_fn(size)`, which says whether it must be padded to its size (a kernel whose rounding
+    depends on the row count) or may run its real rows as decode rows do."""
+    decode_rows = min(layer.invariant_rows, CHECKED_ROWS)
+    if plan.decode_only:  # the usual step
+        return run_rows(layer.row_fn, x, decode_rows)
+    parts, fns, full = [], {}, None  # full: where the current run of full 64-row tiles starts
     for tile in plan.tiles:
-        rows = x[tile.start : tile.start + tile.num_rows]
         if tile.size and tile.size not in fns:
             fns[tile.size] = layer.tile_fn(tile.size)
         fn, pad = fns[tile.size] if tile.size else (layer.row_fn, False)
-        parts.append(run_tile(fn, rows, tile) if pad else run_rows(layer.row_fn, rows, layer.invariant_rows))
+        if tile.num_rows == tile.size == PROMPT_TILE and not pad:  # a full tile the kernel may merge
+            full = tile.start if full is None else full
+            continue
+        if full is not None:
+            parts.append(run_rows(layer.row_fn, x[full : tile.start], layer.invariant_rows))
+            full = None
+        rows = x[tile.start : tile.start + tile.num_rows]
+        parts.append(run_tile(fn, rows, tile) if pad else run_rows(layer.row_fn, rows, decode_rows))
+    if full is not None:
+        parts.append(run_rows(layer.row_fn, x[full:], layer.invariant_rows))
     return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -13,7 +13,7 @@ from torch import nn
 
 from engine.attention import AttentionMetadata, paged_attention
 from engine.config import ModelConfig, RopeScaling
-from engine.invariance import RowCheck, RowPlan, apply_plan, run_rows
+from engine.invariance import CHECKED_ROWS, RowCheck, RowPlan, apply_plan, run_rows
 from engine.packed_linear import DenseLinear, PackedLinear, can_pack
 from engine.quant import quantize_linear
 
@@ -207,9 +207,13 @@ class LlamaModel(nn.Module):
         A kernel whose rounding moves with the row count runs its decode rows one per call: invariant, slower,
         and said in the log."""
         dtype, device = self.norm.weight.dtype, self.norm.weight.device
+        head = self.output_head
         for lin in self.linears():
-            key = (type(lin).__name__, lin.out_features, lin.in_features, lin.bias is not None, dtype)
-            lin.invariant_rows = check.invariant_rows(key, lin.row_fn, lin.in_features, dtype, device)
+            # The head takes the sampled rows (at most max_num_seqs): checked to 64 rows, like the quantized
+            # kernels, whose time grows with every row anyway; dense layers to a whole prompt chunk.
+            limit = CHECKED_ROWS if lin is head else lin.row_check_limit
+            key = (type(lin).__name__, lin.out_features, lin.in_features, lin.bias is not None, dtype, limit)
+            lin.invariant_rows = check.invariant_rows(key, lin.row_fn, lin.in_features, dtype, device, limit)
         if slow := check.moving_kernels():
             log.warning("batch invariance: on this CPU the rounding of %s depends on the row count; their decode "
                         "rows run one per call (invariant, slower)", ", ".join(slow))

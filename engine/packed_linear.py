@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.invariance import DENSE_CHECKED_ROWS
+
 # oneDNN runs these layers and PyTorch's other bfloat16 matmuls on CPU (the quantized layers' dense path,
 # prefill attention). It JIT-compiles a primitive for every input shape (0.5-8 ms) and PyTorch keeps them
 # in two LRU caches of 1024 entries, oneDNN's own and ideep's (capping one alone frees nothing). At 0.6-1.5
@@ -91,8 +93,9 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else bias.detach().contiguous()
 
     # Batch invariance (engine/invariance.py): rows one call may take with each row's result unchanged,
-    # found by `RowCheck` when the model is built (1 until then: one row per call).
+    # found by `RowCheck` when the model is built (1 until then: one row per call), up to this many.
     invariant_rows = 1
+    row_check_limit = DENSE_CHECKED_ROWS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() > EXACT_ROWS * self.in_features:
@@ -126,6 +129,7 @@ class DenseLinear(nn.Linear):
     layer of dtypes or CPUs oneDNN does not pack (float16; bfloat16 without AVX-512), and on GPUs."""
 
     invariant_rows = 1
+    row_check_limit = DENSE_CHECKED_ROWS
 
     def row_fn(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)

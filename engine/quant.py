@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ModelConfig
+from engine.invariance import CHECKED_ROWS
 from engine.packed_linear import run_bucketed
 
 QUANTIZATIONS = ("int8", "int4", "auto")
@@ -78,6 +79,7 @@ class Int8Linear(nn.Module):
         self.bias = None if bias is None else bias.detach().to(act_dtype).contiguous()
 
     invariant_rows = 1  # rows per kernel call with each row's result unchanged (engine/invariance.py)
+    row_check_limit = CHECKED_ROWS  # its time grows with every row: larger calls would gain nothing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)
@@ -131,6 +133,7 @@ class Int4Linear(nn.Module):
         self.bias = None if bias is None else bias.detach().to(act_dtype).contiguous()
 
     invariant_rows = 1  # rows per kernel call with each row's result unchanged (engine/invariance.py)
+    row_check_limit = CHECKED_ROWS  # its time grows with every row: larger calls would gain nothing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.in_features)

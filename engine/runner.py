@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -12,7 +11,7 @@ from engine.attention import (AttentionMetadata, DecodeBatch, PrefillSegment, Si
                               group_by_length)
 from engine.capture import CaptureSink
 from engine.config import ModelConfig
-from engine.invariance import RowPlan, RowTile, padded_keys, prompt_tile
+from engine.invariance import RowPlan, RowTile, prompt_tile
 from engine.kv_cache import EVICTED, BlockManager, BlockTable, KVCache
 from engine.kv_policy import KVPolicy
 from engine.model import LlamaModel
@@ -288,15 +287,11 @@ class ModelRunner:
 
     def _decode_batches(self, decode: list[DecodeRow], captures: dict[int, CaptureSink],
                         tier: BlockManager) -> list[DecodeBatch]:
-        """Split the (length-sorted) decode rows into batches: rows of one padded key count with batch
-        invariance, else runs that waste little attention on padding."""
+        """Split the (length-sorted) decode rows into batches that waste little attention on padding (with
+        batch invariance their rows share a gather, then attend one by one over their own keys)."""
         batches, start = [], 0
         lens = [self._num_keys(r.seq, r.position + 1, tier) for r in decode]
-        if self.batch_invariant:
-            sizes = [len(list(run)) for _, run in itertools.groupby(padded_keys(n) for n in lens)]
-        else:
-            sizes = group_by_length(lens, DECODE_MAX_PADDING, DECODE_MAX_KEYS)
-        for size in sizes:
+        for size in group_by_length(lens, DECODE_MAX_PADDING, DECODE_MAX_KEYS):
             batches.append(self._decode_batch(decode[start : start + size], captures, tier))
             start += size
         return batches
@@ -305,11 +300,10 @@ class ModelRunner:
                       tier: BlockManager) -> DecodeBatch:
         contexts = [self._context(r.seq, r.position + 1, tier) for r in decode]
         lens = [num_keys for _, num_keys in contexts]
-        width = padded_keys(max(lens)) if self.batch_invariant else max(lens)
-        key_slots = self._key_slots([blocks for blocks, _ in contexts], width)
+        key_slots = self._key_slots([blocks for blocks, _ in contexts], max(lens))
         mask = None
-        if min(lens) != width:
-            valid = torch.arange(width).unsqueeze(0) < torch.tensor(lens).unsqueeze(1)
+        if min(lens) != max(lens) and not self.batch_invariant:  # invariant rows attend unpadded, unmasked
+            valid = torch.arange(max(lens)).unsqueeze(0) < torch.tensor(lens).unsqueeze(1)
             mask = valid.view(len(lens), 1, 1, -1).to(self.device)
         # A sequence's sink takes its last row (a recomputed sequence has several decode rows, one sampled).
         sinks = [captures.get(r.seq.seq_id) if r.position == r.seq.num_tokens - 1 else None for r in decode]

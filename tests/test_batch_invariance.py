@@ -16,8 +16,7 @@ import pytest
 import torch
 
 from engine import LLM, AttentionCapture, SamplingParams
-from engine.invariance import (CHECKED_ROWS, RowCheck, RowPlan, RowTile, apply_plan, padded_keys, prompt_tile,
-                               tile_boundary_below)
+from engine.invariance import CHECKED_ROWS, RowCheck, RowPlan, RowTile, apply_plan, prompt_tile, tile_boundary_below
 from engine.packed_linear import DenseLinear
 
 from checkpoints import make_checkpoint
@@ -162,7 +161,6 @@ def test_prompt_tiles_cover_every_position_once():
         assert prompt_tile(start) == (start, size)  # a tile starts where the grid says
     assert [prompt_tile(p) for p in (0, 16, 32, 64, 128)] == [(0, 16), (16, 16), (32, 32), (64, 64), (128, 64)]
     assert tile_boundary_below(0, 100) == 64 and tile_boundary_below(70, 100) == 100
-    assert padded_keys(1) == padded_keys(64) == 64 and padded_keys(65) == 128
 
 
 def test_row_check_finds_a_kernel_whose_rows_move_with_the_batch():
