@@ -157,6 +157,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="each request's tokens and logits are bitwise the same alone or in any batch, after any "
                         "preemption or prefix-cache hit (prompt tiles, row-checked kernels; default: on). "
                         "--no-batch-invariant: the batch's fastest kernels, whose rounding moves with the batch")
+    p.add_argument("--speculative", default=None, choices=["ngram"],
+                   help="speculative decoding without a draft model: a request whose last tokens occurred before "
+                        "in its prompt or output drafts the tokens that followed them, verified in one forward "
+                        "pass (same tokens as without it; default: off)")
+    p.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
+                   help="the most draft tokens per step with --speculative (default: 4)")
     p.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
                    help="split the model and its KV cache over N ranks (torch.distributed: gloo on CPU, NCCL on "
                         "CUDA), started here; under torchrun, its WORLD_SIZE (default: 1, or torchrun's WORLD_SIZE)")
@@ -172,7 +178,7 @@ def load_llm(args: argparse.Namespace, **engine_options):
     return LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
                threads=args.threads, kv_cache_dtype=args.kv_cache_dtype, kv_policy=args.kv_policy,
                head_plan=args.head_plan, tensor_parallel_size=size, batch_invariant=args.batch_invariant,
-               **engine_options)
+               speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens, **engine_options)
 
 
 def _launched_rank() -> int | None:

@@ -19,6 +19,7 @@ from engine.runner import ModelRunner, ScheduledSeq
 from engine.sampling import Sampler, SamplerOutput, SamplingParams, make_generator, score_tokens
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence, SequenceIds
+from engine.speculative import DraftState, SpeculativeConfig
 from engine.stop import StopChecker
 from engine.structured import GrammarCompiler, GrammarMatcher, TokenMasks
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -39,6 +40,7 @@ class Request:
     logprobs: list[TokenLogprob] | None
     prompt_token_ids: list[int]  # handed to every RequestOutput (one list, never copied per step)
     grammar: GrammarMatcher | None = None
+    draft: DraftState | None = None  # speculative decoding (engine/speculative.py), when this request takes it
 
 
 class LLMEngine:
@@ -50,8 +52,10 @@ class LLMEngine:
         scheduler_config: SchedulerConfig,
         max_model_len: int,
         kv_policy: KVPolicy | str | None = None,
+        speculative: SpeculativeConfig | None = None,
     ):
         self.runner = runner
+        self.speculative = speculative
         self.kv_policy = KVPolicy.coerce(kv_policy)  # for requests that give none (engine/kv_policy.py)
         self.blocks = runner.blocks
         self.tokenizer = tokenizer
@@ -71,6 +75,7 @@ class LLMEngine:
         self.seq_ids = SequenceIds()  # shared with sessions: ids stay unique per pool
         self._request_ids = itertools.count()
         self._separator_mask: torch.Tensor | None = None
+        self.num_drafts = self.num_draft_tokens = self.num_accepted_tokens = 0  # speculative decoding, in all
 
     # ---- requests ----------------------------------------------------------------------------------
     def add_request(
@@ -105,9 +110,20 @@ class LLMEngine:
             [] if params.logprobs is not None else None,
             list(ids),  # the sequence appends to `ids`; the prompt stays as it was
             grammar,
+            self._draft_state(params, grammar, capture, kv_policy),
         )
         self.scheduler.add(seq)
         return request_id
+
+    def _draft_state(self, params: SamplingParams, grammar: GrammarMatcher | None, capture: AttentionCapture | None,
+                     kv_policy: KVPolicy | None) -> DraftState | None:
+        """Speculation for a new request, unless it opts out or needs what a draft cannot give (a grammar
+        that would have to roll back, captured rows, evicted keys): engine/speculative.py."""
+        if self.speculative is None or not params.speculative:
+            return None
+        if grammar is not None or capture is not None or kv_policy is not None or self.blocks.window is not None:
+            return None
+        return DraftState.start(self.speculative)
 
     def check_kv_policy(self, kv_policy: KVPolicy | None, capture: AttentionCapture | None) -> None:
         """Eviction and capture go together only when nothing evicts: captured rows are indexed by position,
@@ -168,6 +184,8 @@ class LLMEngine:
         work = self.scheduler.schedule()
         if not work:
             return []
+        if self.speculative is not None:
+            self._add_drafts(work)
         try:
             computed = self._compute(work)
         except EngineDeadError:
@@ -176,6 +194,26 @@ class LLMEngine:
             log.warning("a step of %d sequences failed (%s: %s); running each alone", len(work), type(e).__name__, e)
             return self._step_alone(work)
         return self._advance_all(computed)
+
+    def _add_drafts(self, work: list[ScheduledSeq]) -> None:
+        """Give decoding sequences that speculate a draft, within the step's token budget and the free blocks
+        (a draft never preempts anyone) and short of max_tokens."""
+        budget = self.scheduler.config.max_num_batched_tokens - sum(w.num_tokens for w in work)
+        by_seq = {id(r.seq): r for r in self.requests.values() if r.draft is not None}
+        for w in work:
+            req = by_seq.get(id(w.seq))
+            if budget <= 0:
+                break
+            if req is None or not w.is_decode or w.seq.num_computed < w.seq.num_prompt_tokens:
+                continue
+            left = req.stop.max_new_tokens
+            limit = budget if left is None else min(budget, left - req.stop.num_generated - 1)
+            draft = req.draft.propose(w.seq.token_ids, limit)
+            num_tokens = w.seq.num_computed + 1 + len(draft)
+            if draft and self.blocks.can_reserve(w.seq.block_table, num_tokens):
+                self.blocks.reserve(w.seq.block_table, num_tokens)
+                w.draft = draft
+                budget -= len(draft)
 
     def _compute(self, work: list[ScheduledSeq]) -> "_Computed":
         """The forward pass and sampling of one step; on failure, undone so the work can run again."""
@@ -189,11 +227,12 @@ class LLMEngine:
                 seq.prompt_logprobs[first : first + len(logits)] = score_tokens(
                     logits, seq.token_ids[first : first + len(logits)], top_n)
             reqs = [by_seq[id(s)] for s in out.sampled]
-            sampled = self._sample(out.logits, reqs) if reqs else None
+            drafts = {w.seq.seq_id: w.draft for w in work if w.draft}
+            picks = self._verify(out.logits, reqs, drafts) if reqs else []
         except BaseException:
             saved.restore()
             raise
-        return _Computed(reqs, sampled, out.captures)
+        return _Computed(reqs, picks, out.captures, drafts)
 
     def _step_alone(self, work: list[ScheduledSeq]) -> list[RequestOutput]:
         outputs = []
@@ -212,13 +251,30 @@ class LLMEngine:
         return outputs
 
     def _advance_all(self, computed: "_Computed") -> list[RequestOutput]:
+        """One output per new token: a request whose draft was accepted advances by several tokens, each in
+        its own output (as if decoded one by one) up to the one that finishes it."""
         outputs = []
-        for i, req in enumerate(computed.reqs):
+        for req, picks in zip(computed.reqs, computed.picks):
             try:
-                outputs.append(self._advance(req, i, computed.sampled, computed.captures.get(req.seq.seq_id)))
+                draft = computed.drafts.get(req.seq.seq_id)
+                if draft:
+                    self._record_draft(req, len(draft), len(picks) - 1)
+                for sampled, row in picks:
+                    outputs.append(self._advance(req, row, sampled, computed.captures.get(req.seq.seq_id)))
+                    if outputs[-1].finished:
+                        break
+                else:
+                    if draft:  # the accepted drafts' K/V stay, the rest is rolled back
+                        self.runner.keep_accepted(req.seq, len(picks) - 1)
             except Exception as e:
                 outputs.append(self._fail(req, e))
         return outputs
+
+    def _record_draft(self, req: Request, drafted: int, accepted: int) -> None:
+        req.draft.record(drafted, accepted)
+        self.num_drafts += 1
+        self.num_draft_tokens += drafted
+        self.num_accepted_tokens += accepted
 
     def _fail(self, req: Request, error: Exception) -> RequestOutput:
         """End a request that failed on its own: blocks back to the pool, an output carrying the error."""
@@ -239,7 +295,33 @@ class LLMEngine:
             if req is not None and sink.matrices and not req.seq.output_ids:
                 req.seq.capture.keep_chunk(sink)
 
-    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> SamplerOutput:
+    def _verify(self, logits: torch.Tensor, reqs: list[Request], drafts: dict[int, list[int]]
+                ) -> list[list[tuple[SamplerOutput, int]]]:
+        """Each request's new tokens, as (sampler output, row) picks: its first row's token, and with a draft
+        (engine/speculative.py) one more row's token for each draft token that the row before drew.
+
+        Row j of every request still going is sampled in round j, as plain decoding would sample that token:
+        same generator state, penalties and min_tokens counted over the drafts before it."""
+        starts, row = [], 0
+        for r in reqs:
+            starts.append(row)
+            row += 1 + len(drafts.get(r.seq.seq_id, ()))
+        picks: list[list[tuple[SamplerOutput, int]]] = [[] for _ in reqs]
+        going, j = list(range(len(reqs))), 0
+        while going:
+            rows = logits if row == len(reqs) else logits[[starts[i] + j for i in going]]
+            sampled = self._sample(rows, [reqs[i] for i in going], [drafts.get(reqs[i].seq.seq_id, [])[:j] for i in going])
+            still = []
+            for n, i in enumerate(going):
+                picks[i].append((sampled, n))
+                draft = drafts.get(reqs[i].seq.seq_id, ())
+                if j < len(draft) and int(sampled.token_ids[n]) == draft[j]:
+                    still.append(i)
+            going, j = still, j + 1
+        return picks
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request], accepted: list[list[int]]) -> SamplerOutput:
+        """Sample one row per request; `accepted[i]`: draft tokens of request i taken before this row."""
         seqs = [r.seq for r in reqs]
         # Token histories are copied only when a penalty reads them (the sampler reads no other).
         penalties = any(s.params.has_penalties for s in seqs)
@@ -248,9 +330,10 @@ class LLMEngine:
             [s.params for s in seqs],
             [s.generator for s in seqs],
             prompt_token_ids=[r.prompt_token_ids for r in reqs] if penalties else None,
-            output_token_ids=[s.output_ids for s in seqs] if penalties else None,
+            output_token_ids=[s.output_ids + a for s, a in zip(seqs, accepted)] if penalties else None,
             # A grammar decides itself when its output may end: no min_tokens ban on its rows.
-            banned_token_ids=[(r.stop.banned_token_ids() or None) if r.grammar is None else None for r in reqs],
+            banned_token_ids=[(r.stop.banned_token_ids(r.stop.num_generated + len(a)) or None)
+                              if r.grammar is None else None for r, a in zip(reqs, accepted)],
             token_masks=TokenMasks.from_matchers([r.grammar for r in reqs]),
         )
 
@@ -310,6 +393,8 @@ class LLMEngine:
             head_stats=seq.capture.head_stats if seq.capture is not None else None,
             head_stats_snapshot=self._head_stats_snapshot(seq, new_ids, reason),
             prompt_logprobs=seq.prompt_logprobs,
+            num_draft_tokens=req.draft.num_drafted if req.draft is not None else 0,
+            num_accepted_tokens=req.draft.num_accepted if req.draft is not None else 0,
         )
 
     @staticmethod
@@ -337,6 +422,9 @@ class LLMEngine:
             "prefix_cache_hits": self.blocks.prefix_hits,
             "prefix_cache_hit_rate": self.blocks.prefix_hits / q if q else 0.0,
             "preemptions": self.scheduler.num_preemptions,
+            "spec_decode_num_drafts": self.num_drafts,
+            "spec_decode_num_draft_tokens": self.num_draft_tokens,
+            "spec_decode_num_accepted_tokens": self.num_accepted_tokens,
         } | self._window_stats()
 
     def _window_stats(self) -> dict[str, float]:
@@ -352,8 +440,9 @@ class _Computed:
     """A step's forward pass and sampling, before the requests advance."""
 
     reqs: list[Request]  # in logits-row order
-    sampled: SamplerOutput | None
+    picks: list[list[tuple[SamplerOutput, int]]]  # each request's new tokens: (sampler output, its row)
     captures: dict[int, CaptureSink]
+    drafts: dict[int, list[int]]  # seq_id -> the draft its step verified
 
 
 class _StepState:

@@ -25,6 +25,7 @@ from engine.runner import ModelRunner
 from engine.sampling import SamplingParams
 from engine.scheduler import SchedulerConfig
 from engine.session import Session
+from engine.speculative import SpeculativeConfig
 from engine.tokenizer import Tokenizer
 from engine.validation import check_length, check_messages, prompt_token_ids
 
@@ -69,6 +70,7 @@ class EngineConfig:
     head_plan: HeadPlan | None = None  # head-aware eviction: kv_policy for the plan's window heads only
     tensor_parallel_size: int = 1  # ranks the model is split over (engine/parallel); the pool is split too
     batch_invariant: bool = True  # a request's logits do not depend on its batch (engine/invariance.py)
+    speculative: SpeculativeConfig | None = None  # n-gram drafts verified in one pass (engine/speculative.py)
 
 
 class LLM:
@@ -82,7 +84,11 @@ class LLM:
 
     `batch_invariant=True` (the default): a request's tokens, logits and captured attention are bitwise the
     same alone or in any batch, chunked, preempted or served from the prefix cache (engine/invariance.py says
-    how and what it does not cover); False runs the batch's fastest kernels, whose rounding moves with it."""
+    how and what it does not cover); False runs the batch's fastest kernels, whose rounding moves with it.
+
+    `speculative="ngram"` (engine/speculative.py): a decoding request whose last tokens occurred before in its
+    prompt or output drafts up to `num_speculative_tokens` tokens that followed them, verified in one forward
+    pass; greedy and seeded requests give the same tokens as without it (with batch invariance)."""
 
     def __init__(
         self,
@@ -106,6 +112,8 @@ class LLM:
         head_plan: HeadPlan | str | Path | None = None,
         tensor_parallel_size: int = 1,
         batch_invariant: bool = True,
+        speculative: str | SpeculativeConfig | None = None,
+        num_speculative_tokens: int | None = None,
     ):
         self.model_dir = Path(model)
         self.config = ModelConfig.from_dir(self.model_dir)
@@ -130,6 +138,7 @@ class LLM:
             head_plan=HeadPlan.coerce(head_plan),
             tensor_parallel_size=tensor_parallel_size,
             batch_invariant=bool(batch_invariant),
+            speculative=SpeculativeConfig.coerce(speculative, num_speculative_tokens),
         )
         ec = self.engine_config
         if ec.head_plan is not None and ec.kv_policy is None:
@@ -169,6 +178,7 @@ class LLM:
             SchedulerConfig(max_num_seqs, max_num_batched_tokens, tile_aligned_chunks=ec.batch_invariant),
             self.max_model_len,
             ec.kv_policy if ec.head_plan is None else None,  # with a head plan, the policy is the window heads'
+            ec.speculative,
         )
 
     @property

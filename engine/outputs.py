@@ -103,6 +103,10 @@ class RequestOutput:
     # With SamplingParams(prompt_logprobs=n): one entry per prompt token, the first None (nothing predicts it);
     # complete from the request's first output on.
     prompt_logprobs: list[TokenLogprob | None] | None = field(default=None, repr=False)
+    # Speculative decoding (engine/speculative.py): draft tokens verified for this request so far, and how many
+    # of them were accepted (each accepted one saved a step).
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     @property
     def token_ids(self) -> list[int]:

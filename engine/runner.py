@@ -35,6 +35,9 @@ class ScheduledSeq:
     seq: Sequence
     num_tokens: int
     num_logits: int = 1  # trailing positions that need logits (more than 1 when scoring forced tokens)
+    # Speculative decoding (engine/speculative.py): draft tokens after a decode token, computed as decode rows
+    # at the positions after it (their K/V are written; those of rejected drafts are dropped afterwards).
+    draft: list[int] = field(default_factory=list)
 
     @property
     def is_decode(self) -> bool:
@@ -52,6 +55,7 @@ class DecodeRow:
 
     seq: Sequence
     position: int
+    token_id: int | None = None  # a draft token (engine/speculative.py); None: the sequence's own token there
 
 
 @dataclass
@@ -74,7 +78,7 @@ class StepLayout:
     segments: list[Segment]
 
     def token_ids(self) -> list[int]:
-        ids = [r.seq.token_ids[r.position] for r in self.decode]
+        ids = [r.seq.token_ids[r.position] if r.token_id is None else r.token_id for r in self.decode]
         for seg in self.segments:
             ids += seg.seq.token_ids[seg.start : seg.start + seg.num_tokens]
         return ids
@@ -184,6 +188,13 @@ class ModelRunner:
         last = logits[-1] if sampled else torch.empty(0, 0, device=self.device)
         return ForwardOutput(last, sampled, captures, prompt_logits)
 
+    def keep_accepted(self, seq: Sequence, num_accepted: int) -> None:
+        """After a speculative step: the K/V of the first `num_accepted` draft tokens (now in `seq.token_ids`)
+        stay cached; the rest are dropped with the blocks that only they used."""
+        num_cached = seq.num_computed + num_accepted
+        self.blocks.commit(seq.block_table, seq.token_ids, num_cached, self._shareable(seq))
+        self.blocks.truncate(seq.block_table, num_cached)
+
     def _shareable(self, seq: Sequence) -> int | None:
         """Tokens of `seq` whose cached K/V another request may reuse: with batch invariance only its prompt's,
         which every request computes in the same tiles (its generated tokens were decode rows); else all."""
@@ -199,6 +210,7 @@ class ModelRunner:
             # With batch invariance a prompt's last token is a tile row even when a chunk leaves it alone.
             if w.is_decode and not (self.batch_invariant and start < w.seq.num_prompt_tokens):
                 decode.append(DecodeRow(w.seq, start))
+                decode += [DecodeRow(w.seq, end + j, token) for j, token in enumerate(w.draft)]
                 continue
             # Batch invariance: the generated tokens of a recomputed (preempted) sequence are decode rows
             # again, as when they were first computed (not with eviction, whose recompute differs anyway).
@@ -241,9 +253,9 @@ class ModelRunner:
                     first = row_of[seq.seq_id, start]
                     logit_rows.append(slice(first, first + n))
                     prompt_parts.append((seq, start + 1))
-            if w.reaches_end:
+            if w.reaches_end:  # and a draft's rows after it
                 end = start + w.num_tokens
-                sample_rows += [row_of[seq.seq_id, p] for p in range(end - w.num_logits, end)]
+                sample_rows += [row_of[seq.seq_id, p] for p in range(end - w.num_logits, end + len(w.draft))]
                 sampled.append(seq)
         if sample_rows:
             logit_rows.append(sample_rows)

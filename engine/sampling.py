@@ -79,6 +79,8 @@ class SamplingParams:
     engine/structured.py. The grammar decides when the output ends, so min_tokens does not apply.
     kv_policy: sink + window eviction, `"sink_window:4:1020"` (`:streaming` for StreamingLLM's positions) or a
     `KVPolicy` (engine/kv_policy.py); None = the engine's default (`LLM(kv_policy=...)`, else keep every token).
+    speculative: False = never draft tokens for this request when the engine speculates (engine/speculative.py);
+    its tokens are the same either way, this only decides how many steps they take.
     """
 
     temperature: float = 1.0
@@ -100,6 +102,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     structured_output: StructuredOutput | None = None
     kv_policy: KVPolicy | str | None = None
+    speculative: bool = True
     # logit_bias as (ids, values) tensors, built once: the sampler adds them at every step.
     _bias: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -130,6 +133,7 @@ class SamplingParams:
         self.stop_token_ids = [check_int(f"stop_token_ids[{i}]", t, 0) for i, t in enumerate(ids or ())]
         check_bool("ignore_eos", self.ignore_eos)
         check_bool("skip_special_tokens", self.skip_special_tokens)
+        check_bool("speculative", self.speculative)
         check_int("logprobs", self.logprobs, 0, MAX_LOGPROBS + 1, allow_none=True)
         check_int("prompt_logprobs", self.prompt_logprobs, 0, MAX_LOGPROBS + 1, allow_none=True)
         self.logit_bias = _logit_bias(self.logit_bias)
@@ -436,6 +440,21 @@ def _filter(x: torch.Tensor, ps: Sequence[SamplingParams]) -> torch.Tensor:
     return x
 
 
+def top_logprobs(lp: torch.Tensor, n: int) -> tuple[list[list[float]], list[list[int]]]:
+    """The `n` largest logprobs of each row of `lp` [B, V] and their ids, descending, ties by lower id.
+
+    `torch.topk` leaves the order of equal values to its kernel, which moves with the batch size (bfloat16
+    logits tie often): a row's alternatives must not depend on its neighbours."""
+    kth = lp.topk(n, dim=-1).values[:, -1:]
+    values, ids = [], []
+    for row, low in zip(lp, kth):
+        tied = (row >= low).nonzero().squeeze(1)  # ascending ids: every value the n-th is tied with
+        v, order = torch.sort(row[tied], descending=True, stable=True)
+        values.append(v[:n].tolist())
+        ids.append(tied[order[:n]].tolist())
+    return values, ids
+
+
 class Sampler:
     """Picks next tokens for a batch whose rows each carry their own `SamplingParams`.
 
@@ -531,8 +550,7 @@ class Sampler:
             chosen_lp = lp.gather(1, idx[:, None]).squeeze(1).tolist()
             n_max = min(max(params[i].logprobs for i in lp_rows), V)
             if n_max > 0:
-                top_v, top_i = lp.topk(n_max, dim=-1)
-                top_v, top_i = top_v.tolist(), top_i.tolist()
+                top_v, top_i = top_logprobs(lp, n_max)
             for j, i in enumerate(lp_rows):
                 n = min(params[i].logprobs, V)
                 out.logprobs[i] = chosen_lp[j]

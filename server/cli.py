@@ -81,7 +81,7 @@ def serve(args: argparse.Namespace) -> int:
           f"({int(stats['kv_blocks_total'])} KV blocks of {llm.blocks.block_size} tokens"
           f"{_window_blocks(stats)}; "
           f"{str(llm.engine_config.dtype).removeprefix('torch.')}, KV cache {llm.kv_cache.kv_cache_dtype}, "
-          f"linear layers: {describe(llm.model)}; {llm.batch_invariance}; "
+          f"linear layers: {describe(llm.model)}; {llm.batch_invariance}; {_speculative(llm)}; "
           f"{f'{ranks} tensor-parallel ranks of ' if ranks > 1 else ''}"
           f"{torch.get_num_threads()} threads{', API key required' if api_key else ''})", flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=getattr(args, "log_level", "info"),
@@ -95,6 +95,11 @@ def serve(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous)
         llm.close()  # the other tensor-parallel ranks, if any
     return 0
+
+
+def _speculative(llm) -> str:
+    spec = llm.engine_config.speculative
+    return f"speculative: {spec.describe()}" if spec is not None else "no speculative decoding"
 
 
 # After the shutdown timeout has ended the last streams, how long uvicorn still waits for them to close.

@@ -64,6 +64,14 @@ class Metrics:
               [f'kvmini_errors_total{{kind="{k}"}} {n}' for k, n in sorted(self.errors.items())])
         block("kvmini_preemptions_total", "counter", "Running requests preempted (recomputed later) for KV blocks.",
               [f"kvmini_preemptions_total {_num(stats.get('preemptions', 0))}"])
+        block("kvmini_spec_decode_num_drafts_total", "counter", "Speculative decoding: drafts verified.",
+              [f"kvmini_spec_decode_num_drafts_total {_num(stats.get('spec_decode_num_drafts', 0))}"])
+        block("kvmini_spec_decode_num_draft_tokens_total", "counter", "Speculative decoding: draft tokens verified.",
+              [f"kvmini_spec_decode_num_draft_tokens_total {_num(stats.get('spec_decode_num_draft_tokens', 0))}"])
+        block("kvmini_spec_decode_num_accepted_tokens_total", "counter",
+              "Speculative decoding: draft tokens accepted (each one a step saved).",
+              [f"kvmini_spec_decode_num_accepted_tokens_total "
+               f"{_num(stats.get('spec_decode_num_accepted_tokens', 0))}"])
         block("kvmini_prompt_tokens_total", "counter", "Prompt tokens of requests admitted to the engine.",
               [f"kvmini_prompt_tokens_total {self.prompt_tokens}"])
         block("kvmini_generation_tokens_total", "counter", "Generated tokens.",

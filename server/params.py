@@ -49,6 +49,7 @@ from server.settings import ServerSettings
 SAMPLING_FIELDS = (
     "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty",
     "seed", "stop", "stop_token_ids", "ignore_eos", "min_tokens", "skip_special_tokens", "kv_policy",
+    "speculative",
 )
 
 

@@ -230,6 +230,9 @@ class SamplingFields(_Body):
         default=None, description="kvmini extension: sink + window eviction, 'sink_window:S:W' keeps the first S "
                                   "and the last W tokens' K/V (':streaming' for StreamingLLM's positions), so "
                                   "max_tokens may exceed the KV cache; default: the server's --kv-policy")
+    speculative: StrictBool | None = Field(
+        default=None, description="kvmini extension: false = no speculative decoding for this request when the "
+                                  "server runs --speculative (its tokens are the same either way)")
 
 
 class CompletionRequest(SamplingFields):

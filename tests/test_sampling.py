@@ -573,3 +573,16 @@ def test_logit_bias_moves_the_raw_logits():
     for bad in ({1: 101}, {-1: 1.0}, {"1": 1.0}, [1]):
         with pytest.raises(RequestError, match="logit_bias"):
             SamplingParams(logit_bias=bad)
+
+
+def test_top_logprobs_ties_go_to_the_lower_id_whatever_the_batch():
+    """torch.topk orders equal values as its kernel likes, which moves with the batch size; bfloat16 logits
+    tie often, and a row's alternatives must not depend on its neighbours (batch invariance)."""
+    from engine.sampling import top_logprobs
+
+    row = torch.full((1, 300), -5.0)
+    row[0, [250, 40, 7, 199]] = torch.tensor([1.0, 0.5, 0.5, 0.5])  # three tie for second place
+    values, ids = top_logprobs(row, 3)
+    assert ids == [[250, 7, 40]] and values == [[1.0, 0.5, 0.5]]
+    batch = torch.cat([torch.randn(37, 300), row, torch.randn(20, 300)])
+    assert top_logprobs(batch, 3)[1][37] == [250, 7, 40]
