@@ -310,7 +310,11 @@ class LLMEngine:
         going, j = list(range(len(reqs))), 0
         while going:
             rows = logits if row == len(reqs) else logits[[starts[i] + j for i in going]]
-            sampled = self._sample(rows, [reqs[i] for i in going], [drafts.get(reqs[i].seq.seq_id, [])[:j] for i in going])
+            going_reqs = [reqs[i] for i in going]
+            if j == 0:  # no draft token taken yet: the plain step's sampling
+                sampled = self._sample(rows, going_reqs)
+            else:
+                sampled = self._sample(rows, going_reqs, [drafts[r.seq.seq_id][:j] for r in going_reqs])
             still = []
             for n, i in enumerate(going):
                 picks[i].append((sampled, n))
@@ -320,9 +324,11 @@ class LLMEngine:
             going, j = still, j + 1
         return picks
 
-    def _sample(self, logits: torch.Tensor, reqs: list[Request], accepted: list[list[int]]) -> SamplerOutput:
+    def _sample(self, logits: torch.Tensor, reqs: list[Request], accepted: list[list[int]] | None = None
+                ) -> SamplerOutput:
         """Sample one row per request; `accepted[i]`: draft tokens of request i taken before this row."""
         seqs = [r.seq for r in reqs]
+        accepted = accepted if accepted is not None else [[] for _ in reqs]
         # Token histories are copied only when a penalty reads them (the sampler reads no other).
         penalties = any(s.params.has_penalties for s in seqs)
         return self.sampler.sample(
