@@ -177,8 +177,8 @@ def score_tokens(logits: torch.Tensor, token_ids: Sequence[int], top_n: int | No
     chosen = lp.gather(1, torch.tensor(token_ids, device=lp.device).view(-1, 1)).squeeze(1).tolist()
     if not top_n:
         return [TokenLogprob(t, v) for t, v in zip(token_ids, chosen)]
-    values, ids = lp.topk(min(top_n, lp.shape[-1]), dim=-1)
-    return [TokenLogprob(t, v, list(zip(i, tv))) for t, v, i, tv in zip(token_ids, chosen, ids.tolist(), values.tolist())]
+    values, ids = top_logprobs(lp, min(top_n, lp.shape[-1]))
+    return [TokenLogprob(t, v, list(zip(i, tv))) for t, v, i, tv in zip(token_ids, chosen, ids, values)]
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
