@@ -41,7 +41,6 @@ PASSAGE_CHARS = 1100
 
 def passages() -> dict[str, str]:
     """About 250 tokens each, from texts every install has (stdlib docstrings) or this repository ships."""
-    import argparse as ap
     import functools
     import json
     import textwrap
@@ -56,7 +55,7 @@ def passages() -> dict[str, str]:
         "json module": cut(inspect.getdoc(json)),
         "functools.lru_cache": cut(inspect.getdoc(functools.lru_cache) + " " + inspect.getdoc(functools.wraps)),
         "textwrap.wrap": cut(inspect.getdoc(textwrap.TextWrapper)),
-        "argparse": cut(inspect.getdoc(ap.ArgumentParser.add_argument) or inspect.getdoc(ap)),
+        "argparse": cut(inspect.getdoc(argparse.ArgumentParser.add_argument) or inspect.getdoc(argparse)),
         "kvmini README": cut(readme[readme.find("\n\n", 200):]),
         "kvmini architecture": cut(design[design.find("\n\n", 100):]),
     }
@@ -164,11 +163,13 @@ def main() -> None:
         run(plain.chat_prompt([{"role": "user", "content": "Hi"}]))
 
     results, mismatches, peer_failures = {}, [], {}
-    for workload, prompts in workloads(args.grounded, args.open_ended).items():
+    prompt_sets = workloads(args.grounded, args.open_ended)
+    prompt_ids = {w: [plain.chat_prompt([{"role": "user", "content": t}]) for t in texts]
+                  for w, texts in prompt_sets.items()}
+    for workload, prompts in prompt_ids.items():
         per_engine = {name: {"tokens": 0, "seconds": 0.0, "decode_seconds": 0.0, "drafted": 0, "accepted": 0,
                              "steps": 0} for name in engines}
-        for i, text in enumerate(prompts):
-            ids = plain.chat_prompt([{"role": "user", "content": text}])
+        for i, ids in enumerate(prompts):
             outputs = {}
             for name, run in list(engines.items()):
                 try:
@@ -231,8 +232,7 @@ def main() -> None:
         "machine": machine(), "load_average": [load_start, load_end], "new_tokens": n,
         "num_speculative_tokens": k, "kvmini": options, "llama_cpp": llama_note, "results": results,
         "ratios": ratios, "mismatches": mismatches, "peer_failures": peer_failures,
-        "median_prompt_tokens": statistics.median(len(plain.chat_prompt([{"role": "user", "content": t}]))
-                                                  for t in workloads(args.grounded, 0)["grounded"]),
+        "median_prompt_tokens": {w: statistics.median(map(len, ids)) for w, ids in prompt_ids.items()},
     })
     print(f"wrote {path}")
     if any(m.split(": ", 1)[1].startswith("kvmini") for m in mismatches):

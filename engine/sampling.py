@@ -445,13 +445,15 @@ def top_logprobs(lp: torch.Tensor, n: int) -> tuple[list[list[float]], list[list
 
     `torch.topk` leaves the order of equal values to its kernel, which moves with the batch size (bfloat16
     logits tie often): a row's alternatives must not depend on its neighbours."""
-    kth = lp.topk(n, dim=-1).values[:, -1:]
-    values, ids = [], []
-    for row, low in zip(lp, kth):
-        tied = (row >= low).nonzero().squeeze(1)  # ascending ids: every value the n-th is tied with
-        v, order = torch.sort(row[tied], descending=True, stable=True)
-        values.append(v[:n].tolist())
-        ids.append(tied[order[:n]].tolist())
+    top_v, top_i = lp.topk(n, dim=-1)
+    kth = top_v[:, -1:]
+    # Rows without a tie among their top n (nor with the n-th) keep topk's order; only tied rows are re-sorted.
+    tied_rows = ((lp >= kth).sum(dim=-1) > n) | (top_v[:, 1:] == top_v[:, :-1]).any(dim=-1)
+    values, ids = top_v.tolist(), top_i.tolist()
+    for r in tied_rows.nonzero().flatten().tolist():
+        tied = (lp[r] >= kth[r]).nonzero().squeeze(1)  # ascending ids: every value the n-th is tied with
+        v, order = torch.sort(lp[r, tied], descending=True, stable=True)
+        values[r], ids[r] = v[:n].tolist(), tied[order[:n]].tolist()
     return values, ids
 
 
