@@ -5,7 +5,7 @@ llama.cpp on the default GGUF requantised by llama.cpp's own quantizer to F16, Q
 decodes the same 32-token prompt for 128 new tokens; decode speed is (tokens - 1) / (last token time - first
 token time), so prefill is excluded. Engines alternate run by run (--repeats runs each, median reported).
 Ratios are taken at the same bit width (bfloat16 : F16, int8 : Q8_0, int4 : Q4_0). kvmini runs batch-invariant,
-as by default; --without-invariance adds each variant with `batch_invariant=False`, to see what invariance costs. The bandwidth bound is
+as by default; --compile adds each variant compiled (engine/compiled.py) with its start time; --without-invariance adds each variant with `batch_invariant=False`, to see what invariance costs. The bandwidth bound is
 the measured read bandwidth / the weight bytes a token streams. Writes bench/results/decode.json.
 """
 
@@ -38,10 +38,13 @@ SAME_WIDTH = {"kvmini bfloat16": "llama.cpp F16", "kvmini int8": "llama.cpp Q8_0
 
 
 def kvmini_runner(model_dir: Path, dtype: str, quantization: str | None, prompt: list[int], n: int,
-                  batch_invariant: bool = True) -> Runner:
-    llm = LLM(model_dir, dtype=dtype, quantization=quantization, batch_invariant=batch_invariant)
+                  batch_invariant: bool = True, compile: bool = False) -> tuple[Runner, float]:
+    """The runner and the seconds `LLM(...)` took (with compile=True, the compile of every batch bucket)."""
+    start = time.perf_counter()
+    llm = LLM(model_dir, dtype=dtype, quantization=quantization, batch_invariant=batch_invariant, compile=compile)
+    seconds = time.perf_counter() - start
     token_times(llm, prompt, 8)  # warm up
-    return lambda: token_times(llm, prompt, n)
+    return (lambda: token_times(llm, prompt, n)), seconds
 
 
 def transformers_runner(model_dir: Path, dtype: str, prompt: list[int], n: int) -> Runner:
@@ -125,6 +128,8 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per engine (median reported)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also run each kvmini variant with compile=True (engine/compiled.py), its start time recorded")
     ap.add_argument("--without-invariance", action="store_true",
                     help="also run each kvmini variant with batch_invariant=False (what batch invariance costs)")
     args = ap.parse_args()
@@ -138,12 +143,16 @@ def main() -> None:
     bandwidth = read_bandwidth_gbs()
     runs: dict[str, Runner] = {}
     weight_bytes: dict[str, int] = {}
+    start_s: dict[str, float] = {}
     for variant in args.kvmini:
         dtype, quantization = KVMINI_VARIANTS[variant]
         for invariant in (True, False) if args.without_invariance else (True,):
-            name = f"kvmini {variant}" + ("" if invariant else " (no batch invariance)")
-            runs[name] = kvmini_runner(args.model, dtype, quantization, prompt, args.new_tokens, invariant)
-            weight_bytes[name] = weight_bytes_per_token(config, quantization, 4 if dtype == "float32" else 2)
+            for compiled in (False, True) if args.compile else (False,):
+                name = f"kvmini {variant}" + ("" if invariant else " (no batch invariance)") + (
+                    " compiled" if compiled else "")
+                runs[name], start_s[name] = kvmini_runner(args.model, dtype, quantization, prompt, args.new_tokens,
+                                                          invariant, compiled)
+                weight_bytes[name] = weight_bytes_per_token(config, quantization, 4 if dtype == "float32" else 2)
     for dtype in args.transformers:
         runs[f"transformers {dtype}"] = transformers_runner(args.model, dtype, prompt, args.new_tokens)
         weight_bytes[f"transformers {dtype}"] = weight_bytes_per_token(config, None, 4 if dtype == "float32" else 2)
@@ -161,12 +170,12 @@ def main() -> None:
     results = []
     for name, value in median.items():
         bound = bandwidth * 1e9 / weight_bytes[name]
-        peer = SAME_WIDTH.get(name)
+        peer = SAME_WIDTH.get(name.removesuffix(" compiled"))
         ratio = value / median[peer] if peer in median else None
         results.append({"engine": name, "tokens_per_s": value, "runs_tokens_per_s": speeds[name],
                         "weight_bytes_per_token": weight_bytes[name], "bandwidth_bound_tokens_per_s": bound,
                         "fraction_of_bound": value / bound, "same_width_peer": peer if ratio else None,
-                        "ratio_to_peer": ratio})
+                        "ratio_to_peer": ratio, "start_s": start_s.get(name)})
     rows = [[r["engine"], r["tokens_per_s"], f"{r['ratio_to_peer']:.2f}x {r['same_width_peer']}"
              if r["ratio_to_peer"] else "", r["weight_bytes_per_token"] / 1e6, r["fraction_of_bound"]]
             for r in results]

@@ -103,6 +103,49 @@ class WindowAttention:
 PREFILL_MAX_EXPLICIT_SCORES = 1 << 24
 
 
+@dataclass
+class GraphDecodeMeta:
+    """The decode rows of a compiled step (engine/compiled.py), as tensors only, so that one graph serves every
+    context length: the keys reach attention through `decode_attention`, an op the compiler does not look into.
+    Padded rows (up to the graph's batch bucket) have context length 0 and write nothing."""
+
+    slot_mapping: torch.Tensor  # [B] where each row's new K/V go
+    key_slots: torch.Tensor  # [B, L] cache slots of each row's keys (padding points at slot 0)
+    context_lens: torch.Tensor  # [B] keys of each row; 0 for a padded row
+    per_row: bool  # batch invariance: each row attends in its own call over exactly its keys
+    row_plan: RowPlan | None = None
+    window: None = None  # head-aware eviction runs eager
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                     slot_mapping: torch.Tensor, key_slots: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                     per_row: bool) -> torch.Tensor:
+    """Write the real rows' K/V into the pools and attend each real row over its keys: the eager decode path
+    (`_write_cache`, `_decode`) as one opaque op of a compiled graph (vLLM's `unified_attention` does the
+    same), so that the graph has fixed shapes while contexts grow. q `[B, H, D]` -> `[B, H * D]`."""
+    lens = [n for n in context_lens.tolist() if n]
+    n = len(lens)
+    _write_cache(k[:n], v[:n], k_pool, v_pool, slot_mapping[:n])
+    mask = None
+    if not per_row and min(lens) != max(lens):
+        mask = (torch.arange(key_slots.shape[1], device=q.device) < context_lens[:n, None]).view(n, 1, 1, -1)
+    out = _decode(q[:n], k_pool, v_pool, DecodeBatch(key_slots[:n], mask, lens, per_row=per_row), 0, scale)
+    return out if n == q.shape[0] else torch.cat((out, out.new_zeros(q.shape[0] - n, out.shape[1])))
+
+
+def _decode_attention_shape(q, k, v, k_pool, v_pool, slot_mapping, key_slots, context_lens, scale, per_row):
+    return q.new_empty(q.shape[0], q.shape[1] * q.shape[2])
+
+
+# Registered through torch.library.Library rather than the `custom_op` decorator: the decorator's Python
+# wrapper costs ~80 us a call on CPU (30 calls a token), the plain registration ~20 us.
+_OPS = torch.library.Library("kvmini", "FRAGMENT")
+_OPS.define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_pool, Tensor(b!) v_pool, "
+            "Tensor slot_mapping, Tensor key_slots, Tensor context_lens, float scale, bool per_row) -> Tensor")
+_OPS.impl("decode_attention", decode_attention, "CompositeExplicitAutograd")
+torch.library.register_fake("kvmini::decode_attention", _decode_attention_shape, lib=_OPS)
+
+
 def paged_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -114,6 +157,9 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """q `[T, H, D]`, k/v `[T, KVH, D]` for the new tokens -> output `[T, H * D]`."""
+    if isinstance(meta, GraphDecodeMeta):
+        return torch.ops.kvmini.decode_attention(q, k, v, k_pool, v_pool, meta.slot_mapping, meta.key_slots,
+                                                 meta.context_lens, scale, meta.per_row)
     if meta.window is not None:
         return _split_attention(q, k, v, k_pool, v_pool, meta, layer, scale)
     return _attend(q, k, v, k_pool, v_pool, meta, layer, scale)

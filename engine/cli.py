@@ -163,6 +163,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "pass (same tokens as without it; default: off)")
     p.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
                    help="the most draft tokens per step with --speculative (default: 4)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="run decode steps through one torch.compile'd graph per batch size (1, 2, 4, 8, 16), all "
+                        "compiled at start and cached on disk ($KVMINI_HOME/inductor); CPU only, not with "
+                        "--speculative or tensor parallelism (default: off, see docs/PERFORMANCE.md)")
     p.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
                    help="split the model and its KV cache over N ranks (torch.distributed: gloo on CPU, NCCL on "
                         "CUDA), started here; under torchrun, its WORLD_SIZE (default: 1, or torchrun's WORLD_SIZE)")
@@ -172,13 +176,28 @@ def load_llm(args: argparse.Namespace, **engine_options):
     """The `LLM` the model options of `generate` and `serve` ask for (bad values raise ValueError)."""
     from engine.llm import LLM
 
+    if args.compile:  # the compile's progress, on stderr
+        show_compile_progress()
     size = args.tensor_parallel_size
     if size is None:
         size = int(os.environ["WORLD_SIZE"]) if _launched_rank() is not None else 1
     return LLM(args.model, dtype=args.dtype, device=args.device, quantization=args.quantization,
                threads=args.threads, kv_cache_dtype=args.kv_cache_dtype, kv_policy=args.kv_policy,
                head_plan=args.head_plan, tensor_parallel_size=size, batch_invariant=args.batch_invariant,
-               speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens, **engine_options)
+               speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
+               compile=args.compile, **engine_options)
+
+
+def show_compile_progress() -> None:
+    """Print the compiled step's progress lines (engine/compiled.py's log) to stderr."""
+    import logging
+
+    from engine.compiled import log
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("kvmini: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
 
 
 def _launched_rank() -> int | None:

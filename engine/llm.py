@@ -11,6 +11,8 @@ import torch
 from collections.abc import Iterator
 
 from engine.capture import AttentionCapture
+from engine.compiled import CompiledDecoder, check_compile, use_compile_cache
+from engine.compiled import log as compile_log
 from engine.config import ModelConfig
 from engine.head_plan import HeadPlan, head_aware_blocks
 from engine.invariance import describe as describe_invariance
@@ -71,6 +73,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # ranks the model is split over (engine/parallel); the pool is split too
     batch_invariant: bool = True  # a request's logits do not depend on its batch (engine/invariance.py)
     speculative: SpeculativeConfig | None = None  # n-gram drafts verified in one pass (engine/speculative.py)
+    compile: bool = False  # decode steps through one torch.compile'd graph per batch bucket (engine/compiled.py)
 
 
 class LLM:
@@ -114,6 +117,7 @@ class LLM:
         batch_invariant: bool = True,
         speculative: str | SpeculativeConfig | None = None,
         num_speculative_tokens: int | None = None,
+        compile: bool = False,
     ):
         self.model_dir = Path(model)
         self.config = ModelConfig.from_dir(self.model_dir)
@@ -139,12 +143,15 @@ class LLM:
             tensor_parallel_size=tensor_parallel_size,
             batch_invariant=bool(batch_invariant),
             speculative=SpeculativeConfig.coerce(speculative, num_speculative_tokens),
+            compile=bool(compile),
         )
         ec = self.engine_config
         if ec.head_plan is not None and ec.kv_policy is None:
             raise ValueError("head_plan needs kv_policy: the sink + window that the plan's window heads keep")
         if ec.head_plan is not None and tensor_parallel_size > 1:
             raise ValueError("head_plan (head-aware eviction) does not work with tensor_parallel_size > 1 yet")
+        if ec.compile:
+            check_compile(ec.device, tensor_parallel_size, ec.speculative is not None)
         if max_model_len is not None and not 1 <= max_model_len <= self.config.max_position_embeddings:
             raise ValueError(f"max_model_len must be in [1, {self.config.max_position_embeddings}] (the model's "
                              f"max_position_embeddings), got {max_model_len}")
@@ -170,7 +177,7 @@ class LLM:
             self.blocks = BlockManager(self.kv_cache, ec.cache.enable_prefix_caching)
         device = self.workers.tp.device if self.workers is not None else ec.device
         self.runner = ModelRunner(self.model, self.kv_cache, self.blocks, device, self.config, self.workers,
-                                  ec.batch_invariant)
+                                  ec.batch_invariant, self._compiled_decoder())
         self.engine = LLMEngine(
             self.runner,
             self.tokenizer,
@@ -180,6 +187,17 @@ class LLM:
             ec.kv_policy if ec.head_plan is None else None,  # with a head plan, the policy is the window heads'
             ec.speculative,
         )
+
+    def _compiled_decoder(self) -> CompiledDecoder | None:
+        """With `compile=True`: every batch bucket compiled now, with progress on the `kvmini` log."""
+        if not self.engine_config.compile:
+            return None
+        path = use_compile_cache()
+        compile_log.info("compiling the decode step (cache: %s)", path)
+        decoder = CompiledDecoder(self.model, self.engine_config.batch_invariant)
+        seconds = decoder.warm_up(self.kv_cache.k, self.kv_cache.v, self.model.rope, compile_log.info)
+        compile_log.info("compiled the decode step in %.1f s", seconds)
+        return decoder
 
     @property
     def batch_invariance(self) -> str:

@@ -173,6 +173,12 @@ class LlamaModel(nn.Module):
         else:
             x = self.tp.embed(input_ids, self.embed_tokens.weight)
         cos, sin = self.rope.lookup(positions, max_position)
+        return self.forward_layers(x, cos, sin, meta, k_pools, v_pools)
+
+    def forward_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta, k_pools, v_pools
+                       ) -> torch.Tensor:
+        """Every layer and the final norm over embedded `x` `[T, hidden]` with its rows' RoPE `cos`/`sin`
+        (`meta`: AttentionMetadata, or GraphDecodeMeta inside a compiled step)."""
         for i, layer in enumerate(self.layers):
             kp = None if k_pools is None else k_pools[i]
             vp = None if v_pools is None else v_pools[i]

@@ -58,6 +58,24 @@ _PACKABLE_DTYPES = (torch.float32, torch.bfloat16)
 _LINEAR = torch.ops.mkldnn._linear_pointwise.default if hasattr(torch.ops.mkldnn, "_linear_pointwise") else None
 
 
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int
+                   ) -> torch.Tensor:
+    return _LINEAR(x, packed, bias, "none", [], "")
+
+
+def _packed_linear_shape(x, packed, bias, out_features):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+# Inside a compiled decode step (engine/compiled.py) the packed product is an opaque op: inductor's own
+# lowering of `_linear_pointwise` wants the weight frozen into the graph, which would key the on-disk
+# compile cache by the weights' values.
+_OPS = torch.library.Library("kvmini", "FRAGMENT")
+_OPS.define("packed_linear(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor")
+_OPS.impl("packed_linear", _packed_linear, "CompositeExplicitAutograd")
+torch.library.register_fake("kvmini::packed_linear", _packed_linear_shape, lib=_OPS)
+
+
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
     """True when this PyTorch build, CPU and device can run pre-packed oneDNN linear layers."""
     return (
@@ -103,6 +121,8 @@ class PackedLinear(nn.Module):
         return _LINEAR(x, self.packed, self.bias, "none", [], "")
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return torch.ops.kvmini.packed_linear(x, self.packed, self.bias, self.out_features)
         return _LINEAR(x, self.packed, self.bias, "none", [], "")
 
     row_fn = _linear  # decode rows: the exact row count, at most `invariant_rows` per call

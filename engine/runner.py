@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from engine.attention import (AttentionMetadata, DecodeBatch, PrefillSegment, SinkRotation, WindowAttention,
                               group_by_length)
 from engine.capture import CaptureSink
+from engine.compiled import CompiledDecoder, DecodeRows
 from engine.config import ModelConfig
 from engine.invariance import RowPlan, RowTile, prompt_tile
 from engine.kv_cache import EVICTED, BlockManager, BlockTable, KVCache
@@ -132,13 +134,56 @@ class StepInputs:
     batch_invariant: bool = False  # each logits row as alone (engine/invariance.py)
 
 
-def run_step(model: LlamaModel, kv_cache: KVCache, step: StepInputs, sinks: list[CaptureSink]) -> list:
-    """The forward pass, the captured rows and the logits of `step.logit_rows` (None on ranks > 0)."""
+def run_step(model: LlamaModel, kv_cache: KVCache, step: StepInputs, sinks: list[CaptureSink],
+             decoder: CompiledDecoder | None = None) -> list:
+    """The forward pass, the captured rows and the logits of `step.logit_rows` (None on ranks > 0). With a
+    compiled `decoder`, the decode rows go through its graph whenever `graph_rows` takes them."""
     pools = (kv_cache.k, kv_cache.v) if step.use_cache else (None, None)
-    hidden = model(step.input_ids, step.positions, step.meta, *pools, step.max_position)
+    rows = graph_rows(model, step, kv_cache.k[0]) if decoder is not None and step.use_cache else None
+    if rows is None:
+        hidden = model(step.input_ids, step.positions, step.meta, *pools, step.max_position)
+    else:
+        hidden = _run_split(model, decoder, step, rows, pools)
     for sink in sinks:
         sink.finish()
     return [model.compute_logits(hidden[rows], step.batch_invariant) for rows in step.logit_rows]
+
+
+def graph_rows(model: LlamaModel, step: StepInputs, kv_pool) -> DecodeRows | None:
+    """The step's decode rows as the compiled graph takes them, or None when the step runs eager: no decode
+    rows, or a feature the graph does not carry (attention capture, StreamingLLM sink positions, head-aware
+    eviction, a quantized KV cache, tensor parallelism)."""
+    meta = step.meta
+    if not meta.decode or meta.window is not None or model.tp is not None:
+        return None
+    if not isinstance(kv_pool, torch.Tensor):  # an int8 KV cache (engine/kv_quant.py) runs eager
+        return None
+    if any(b.captures is not None or b.sink_rotation is not None for b in meta.decode):
+        return None
+    n = sum(len(b.context_lens) for b in meta.decode)
+    positions = step.positions[:n]
+    cos, sin = model.rope.lookup(positions, step.max_position)
+    width = max(b.key_slots.shape[1] for b in meta.decode)
+    key_slots = torch.cat([F.pad(b.key_slots, (0, width - b.key_slots.shape[1])) for b in meta.decode])
+    return DecodeRows(step.input_ids[:n], cos, sin, meta.slot_mapping[:n], key_slots,
+                      [n for b in meta.decode for n in b.context_lens])
+
+
+def _run_split(model: LlamaModel, decoder: CompiledDecoder, step: StepInputs, rows: DecodeRows, pools
+               ) -> torch.Tensor:
+    """Prompt segments eager first (a recomputed sequence's decode rows attend to their K/V), then the decode
+    rows through the graph; hidden states in flat-batch order (decode rows first)."""
+    n = len(rows.context_lens)
+    parts = []
+    if step.meta.prefills:
+        meta = step.meta
+        prefills = [replace(seg, token_start=seg.token_start - n) for seg in meta.prefills]
+        plan = None if meta.row_plan is None else RowPlan(
+            [replace(t, start=t.start - n) for t in meta.row_plan.tiles if t.size])
+        rest = AttentionMetadata(meta.slot_mapping[n:], [], prefills, row_plan=plan)
+        parts.append(model(step.input_ids[n:], step.positions[n:], rest, *pools, step.max_position))
+    decoded = decoder.run(rows, *pools)
+    return decoded if not parts else torch.cat([decoded, *parts])
 
 
 class ModelRunner:
@@ -150,8 +195,9 @@ class ModelRunner:
 
     def __init__(self, model: LlamaModel, kv_cache: KVCache, blocks: BlockManager, device: torch.device,
                  config: ModelConfig | None = None, workers: WorkerGroup | None = None,
-                 batch_invariant: bool = False):
+                 batch_invariant: bool = False, decoder: CompiledDecoder | None = None):
         self.model = model
+        self.decoder = decoder  # the compiled decode step (engine/compiled.py), or None: eager
         self.kv_cache = kv_cache
         self.blocks = blocks
         self.device = device
@@ -266,7 +312,7 @@ class ModelRunner:
         captured heads of every rank are joined afterwards (engine/parallel/step.py)."""
         sinks = list(captures.values())
         if self.workers is None:
-            return run_step(self.model, self.kv_cache, step, sinks), captures
+            return run_step(self.model, self.kv_cache, step, sinks, self.decoder), captures
         from engine.parallel.step import join_captures, send_step
 
         tp = self.workers.tp
