@@ -2,7 +2,7 @@
 
 Peers: transformers `generate` (bfloat16, float32) and, when `llama_cpp` is importable (`make bench-peers`),
 llama.cpp on the default GGUF requantised by llama.cpp's own quantizer to F16, Q8_0 and Q4_0. Every engine
-decodes the same 32-token prompt for 128 new tokens; decode speed is (tokens - 1) / (last token time - first
+decodes the same 32-token prompt (--context 32,1024: each length in turn) for 128 new tokens; decode speed is (tokens - 1) / (last token time - first
 token time), so prefill is excluded. Engines alternate run by run (--repeats runs each, median reported).
 Ratios are taken at the same bit width (bfloat16 : F16, int8 : Q8_0, int4 : Q4_0). kvmini runs batch-invariant,
 as by default; --compile adds each variant compiled (engine/compiled.py) with its start time; --without-invariance adds each variant with `batch_invariant=False`, to see what invariance costs. The bandwidth bound is
@@ -89,7 +89,8 @@ def llama_cpp_runners(gguf: Path, workdir: Path, prompt: list[int], n: int) -> t
         params.ftype, params.allow_requantize, params.nthread = ftype, True, torch.get_num_threads()
         if llama_cpp.llama_model_quantize(str(gguf).encode(), str(out).encode(), params) != 0:
             raise RuntimeError(f"llama.cpp could not quantize {gguf} to {name}")
-        llm = llama_cpp.Llama(str(out), n_ctx=512, n_threads=torch.get_num_threads(), verbose=False)
+        context = max(512, len(prompt) + n + 16)  # a 1,024-token prompt needs more than the 512 of a short one
+        llm = llama_cpp.Llama(str(out), n_ctx=context, n_threads=torch.get_num_threads(), verbose=False)
 
         def run(llm=llm, tokens=n) -> list[float]:
             llm.reset()
@@ -126,6 +127,9 @@ def main() -> None:
     ap.add_argument("--transformers", nargs="*", default=["bfloat16", "float32"])
     ap.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even when it is installed")
     ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--context", default=None, metavar="N,N,...",
+                    help="prompt lengths to measure one after the other, e.g. 32,1024 (overrides --prompt-tokens); "
+                         "the JSON then holds one entry per length under 'contexts'")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per engine (median reported)")
     ap.add_argument("--compile", action="store_true",
@@ -133,13 +137,20 @@ def main() -> None:
     ap.add_argument("--without-invariance", action="store_true",
                     help="also run each kvmini variant with batch_invariant=False (what batch invariance costs)")
     args = ap.parse_args()
+    lengths = [int(n) for n in args.context.split(",")] if args.context else [args.prompt_tokens]
+    payloads = [measure(args, n) for n in lengths]
+    payload = payloads[0] if len(payloads) == 1 else {"benchmark": "decode", "contexts": payloads}
+    print(f"wrote {write_json('decode', payload)}")
 
+
+def measure(args: argparse.Namespace, prompt_tokens: int) -> dict:
+    """One run at one prompt length: every engine, alternating; prints the table and returns the payload."""
     from engine.gguf_import import default_gguf_path
     from engine.tokenizer import Tokenizer
 
     load = load_average()
     config = ModelConfig.from_dir(args.model)
-    prompt = Tokenizer.from_dir(args.model).encode(english_text())[: args.prompt_tokens]
+    prompt = Tokenizer.from_dir(args.model).encode(english_text())[:prompt_tokens]
     bandwidth = read_bandwidth_gbs()
     runs: dict[str, Runner] = {}
     weight_bytes: dict[str, int] = {}
@@ -180,7 +191,7 @@ def main() -> None:
              if r["ratio_to_peer"] else "", r["weight_bytes_per_token"] / 1e6, r["fraction_of_bound"]]
             for r in results]
     hf = median.get("transformers bfloat16")
-    print(f"load average {load:.2f}; read bandwidth {bandwidth:.1f} GB/s; prompt {args.prompt_tokens} tokens, "
+    print(f"load average {load:.2f}; read bandwidth {bandwidth:.1f} GB/s; prompt {prompt_tokens} tokens, "
           f"{args.new_tokens} new, batch 1, decode only")
     if llama_cpp_note:
         print(f"llama.cpp: {llama_cpp_note}")
@@ -191,7 +202,7 @@ def main() -> None:
     payload = {
         "benchmark": "decode",
         "model": args.model.name,
-        "prompt_tokens": args.prompt_tokens,
+        "prompt_tokens": prompt_tokens,
         "new_tokens": args.new_tokens,
         "load_average_1m": load,
         "read_bandwidth_gbs": bandwidth,
@@ -199,7 +210,7 @@ def main() -> None:
         "machine": machine(),
         "results": results,
     }
-    print(f"wrote {write_json('decode', payload)}")
+    return payload
 
 
 if __name__ == "__main__":
