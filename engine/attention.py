@@ -127,7 +127,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: 
     n = len(lens)
     _write_cache(k[:n], v[:n], k_pool, v_pool, slot_mapping[:n])
     mask = None
-    if not per_row and min(lens) != max(lens):
+    if not per_row and min(lens) != key_slots.shape[1]:  # shorter rows, or keys padded past every row
         mask = (torch.arange(key_slots.shape[1], device=q.device) < context_lens[:n, None]).view(n, 1, 1, -1)
     out = _decode(q[:n], k_pool, v_pool, DecodeBatch(key_slots[:n], mask, lens, per_row=per_row), 0, scale)
     return out if n == q.shape[0] else torch.cat((out, out.new_zeros(q.shape[0] - n, out.shape[1])))

@@ -31,13 +31,16 @@ log = logging.getLogger("kvmini.compiled")
 BATCH_BUCKETS = (1, 2, 4, 8, 16)
 
 
-def check_compile(device: torch.device, tensor_parallel_size: int, speculative: bool) -> None:
+def check_compile(device: torch.device, tensor_parallel_size: int, speculative: bool, kv_cache_dtype: str
+                  ) -> None:
     """What `compile=True` does not take yet, refused rather than run in a way that breaks a guarantee."""
     if device.type != "cpu":
         raise ValueError(f"compile: the compiled decode step runs on CPU only so far (device {device}); "
                          "leave compile off on CUDA")
     if tensor_parallel_size > 1:
         raise ValueError("compile does not work with tensor_parallel_size > 1 yet")
+    if kv_cache_dtype != "auto":  # the graph's attention op reads plain tensor pools
+        raise ValueError(f"compile does not work with kv_cache_dtype {kv_cache_dtype!r} yet (only 'auto')")
     if speculative:
         # Verified drafts run as prompt rows (eager), plain decode steps through the graph: their rounding
         # differs, and speculative greedy output must be the same tokens as plain decoding.
@@ -80,16 +83,27 @@ class DecodeRows:
     context_lens: list[int]
 
 
-class CompiledDecoder:
-    """Runs decode rows through one compiled graph per batch bucket (compiled on first use)."""
+def start_decoder(model: LlamaModel, k_pools: list[torch.Tensor], v_pools: list[torch.Tensor],
+                  batch_invariant: bool) -> CompiledDecoder:
+    """A decoder with every batch bucket compiled now (through the on-disk cache), progress on this log."""
+    log.info("compiling the decode step (cache: %s)", use_compile_cache())
+    decoder = CompiledDecoder(model, batch_invariant)
+    seconds = decoder.warm_up(k_pools, v_pools, model.rope, log.info)
+    log.info("compiled the decode step in %.1f s", seconds)
+    return decoder
 
-    def __init__(self, model: LlamaModel, batch_invariant: bool, options: dict | None = None):
+
+class CompiledDecoder:
+    """Runs decode rows through one compiled graph per batch bucket (each compiled on first use, or all at
+    once by `warm_up`)."""
+
+    def __init__(self, model: LlamaModel, batch_invariant: bool):
         self.model = model
         self.batch_invariant = batch_invariant
         # Dynamo keeps its graphs, and its limit of 8 per function, on the function's code object: a copy of
         # `_forward`'s code per decoder, so that several engines in one process do not share (and exhaust) it.
         forward = types.FunctionType(CompiledDecoder._forward.__code__.replace(), globals(), "_forward")
-        self._graph = torch.compile(types.MethodType(forward, self), dynamic=False, fullgraph=True, options=options)
+        self._graph = torch.compile(types.MethodType(forward, self), dynamic=False, fullgraph=True)
         self.compiled: dict[int, float] = {}  # bucket -> seconds its first call took
 
     def _forward(self, input_ids, cos, sin, slot_mapping, key_slots, context_lens, k_pools, v_pools):

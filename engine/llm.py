@@ -11,8 +11,7 @@ import torch
 from collections.abc import Iterator
 
 from engine.capture import AttentionCapture
-from engine.compiled import CompiledDecoder, check_compile, use_compile_cache
-from engine.compiled import log as compile_log
+from engine.compiled import check_compile, start_decoder
 from engine.config import ModelConfig
 from engine.head_plan import HeadPlan, head_aware_blocks
 from engine.invariance import describe as describe_invariance
@@ -151,7 +150,7 @@ class LLM:
         if ec.head_plan is not None and tensor_parallel_size > 1:
             raise ValueError("head_plan (head-aware eviction) does not work with tensor_parallel_size > 1 yet")
         if ec.compile:
-            check_compile(ec.device, tensor_parallel_size, ec.speculative is not None)
+            check_compile(ec.device, tensor_parallel_size, ec.speculative is not None, ec.cache.kv_cache_dtype)
         if max_model_len is not None and not 1 <= max_model_len <= self.config.max_position_embeddings:
             raise ValueError(f"max_model_len must be in [1, {self.config.max_position_embeddings}] (the model's "
                              f"max_position_embeddings), got {max_model_len}")
@@ -176,8 +175,11 @@ class LLM:
         if ec.head_plan is None:
             self.blocks = BlockManager(self.kv_cache, ec.cache.enable_prefix_caching)
         device = self.workers.tp.device if self.workers is not None else ec.device
+        decoder = None
+        if ec.compile:  # every batch bucket compiled before the first request
+            decoder = start_decoder(self.model, self.kv_cache.k, self.kv_cache.v, ec.batch_invariant)
         self.runner = ModelRunner(self.model, self.kv_cache, self.blocks, device, self.config, self.workers,
-                                  ec.batch_invariant, self._compiled_decoder())
+                                  ec.batch_invariant, decoder)
         self.engine = LLMEngine(
             self.runner,
             self.tokenizer,
@@ -187,17 +189,6 @@ class LLM:
             ec.kv_policy if ec.head_plan is None else None,  # with a head plan, the policy is the window heads'
             ec.speculative,
         )
-
-    def _compiled_decoder(self) -> CompiledDecoder | None:
-        """With `compile=True`: every batch bucket compiled now, with progress on the `kvmini` log."""
-        if not self.engine_config.compile:
-            return None
-        path = use_compile_cache()
-        compile_log.info("compiling the decode step (cache: %s)", path)
-        decoder = CompiledDecoder(self.model, self.engine_config.batch_invariant)
-        seconds = decoder.warm_up(self.kv_cache.k, self.kv_cache.v, self.model.rope, compile_log.info)
-        compile_log.info("compiled the decode step in %.1f s", seconds)
-        return decoder
 
     @property
     def batch_invariance(self) -> str:

@@ -118,7 +118,7 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() > EXACT_ROWS * self.in_features:
             return run_bucketed(self._linear, x)
-        return _LINEAR(x, self.packed, self.bias, "none", [], "")
+        return self._linear(x)
 
     def _linear(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():

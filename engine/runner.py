@@ -139,7 +139,7 @@ def run_step(model: LlamaModel, kv_cache: KVCache, step: StepInputs, sinks: list
     """The forward pass, the captured rows and the logits of `step.logit_rows` (None on ranks > 0). With a
     compiled `decoder`, the decode rows go through its graph whenever `graph_rows` takes them."""
     pools = (kv_cache.k, kv_cache.v) if step.use_cache else (None, None)
-    rows = graph_rows(model, step, kv_cache.k[0]) if decoder is not None and step.use_cache else None
+    rows = graph_rows(model, step) if decoder is not None and step.use_cache else None
     if rows is None:
         hidden = model(step.input_ids, step.positions, step.meta, *pools, step.max_position)
     else:
@@ -149,14 +149,12 @@ def run_step(model: LlamaModel, kv_cache: KVCache, step: StepInputs, sinks: list
     return [model.compute_logits(hidden[rows], step.batch_invariant) for rows in step.logit_rows]
 
 
-def graph_rows(model: LlamaModel, step: StepInputs, kv_pool) -> DecodeRows | None:
+def graph_rows(model: LlamaModel, step: StepInputs) -> DecodeRows | None:
     """The step's decode rows as the compiled graph takes them, or None when the step runs eager: no decode
     rows, or a feature the graph does not carry (attention capture, StreamingLLM sink positions, head-aware
-    eviction, a quantized KV cache, tensor parallelism)."""
+    eviction, tensor parallelism; a quantized KV cache is refused by `check_compile`)."""
     meta = step.meta
     if not meta.decode or meta.window is not None or model.tp is not None:
-        return None
-    if not isinstance(kv_pool, torch.Tensor):  # an int8 KV cache (engine/kv_quant.py) runs eager
         return None
     if any(b.captures is not None or b.sink_rotation is not None for b in meta.decode):
         return None

@@ -54,6 +54,18 @@ def test_more_rows_than_the_largest_bucket_run_in_chunks(compiled):
     assert together == [compiled.generate([p], params)[0].token_ids for p in prompts]
 
 
+def test_without_batch_invariance_float32_matches_eager(tiny):
+    """Without a row plan every linear layer is called directly: the packed ones must still be opaque ops."""
+    llm = LLM(tiny, batch_invariant=False)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=1)
+    [reference] = llm.generate([PROMPTS[0]], params)
+    llm.runner.decoder = CompiledDecoder(llm.model, batch_invariant=False)
+    [out] = llm.generate([PROMPTS[0]], params)
+    assert llm.runner.decoder.compiled  # the decode rows went through the graph
+    assert out.token_ids == reference.token_ids
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(out.logprobs, reference.logprobs)) < 1e-5
+
+
 def test_bfloat16_smollm2_agrees_with_eager_teacher_forced(smollm2_dir):
     """bfloat16 rounds differently when inductor fuses the norms and RoPE, so tokens may part after a while;
     fed the same tokens, the compiled step picks eager's top token at >= 99 % of positions."""
@@ -81,6 +93,8 @@ def test_refused_combinations(tiny):
         LLM(tiny, compile=True, speculative="ngram")
     with pytest.raises(ValueError, match="CPU only"):
         LLM(tiny, compile=True, device="cuda")
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        LLM(tiny, compile=True, kv_cache_dtype="int8")
 
 
 def test_cache_directory_follows_the_environment(monkeypatch, tmp_path):
