@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention import GraphDecodeMeta
+from engine.config import kvmini_home
 from engine.invariance import RowPlan, RowTile
 from engine.model import LlamaModel
 
@@ -54,8 +55,7 @@ def compile_cache_dir() -> Path:
     graph (model shape, dtype, quantization), the torch version and the CPU's instruction set."""
     if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
         return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
-    home = Path(os.environ.get("KVMINI_HOME", Path.home() / ".cache" / "kvmini"))
-    return home / "inductor"
+    return kvmini_home() / "inductor"
 
 
 def use_compile_cache() -> Path:
@@ -103,7 +103,8 @@ class CompiledDecoder:
         # Dynamo keeps its graphs, and its limit of 8 per function, on the function's code object: a copy of
         # `_forward`'s code per decoder, so that several engines in one process do not share (and exhaust) it.
         forward = types.FunctionType(CompiledDecoder._forward.__code__.replace(), globals(), "_forward")
-        self._graph = torch.compile(types.MethodType(forward, self), dynamic=False, fullgraph=True)
+        self._graph = torch.compile(types.MethodType(forward, self), dynamic=False, fullgraph=True,
+                                    options={"emulate_precision_casts": True})
         self.compiled: dict[int, float] = {}  # bucket -> seconds its first call took
 
     def _forward(self, input_ids, cos, sin, slot_mapping, key_slots, context_lens, k_pools, v_pools):

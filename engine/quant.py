@@ -1,9 +1,11 @@
 """Weight-only quantized linear layers: int8 per output channel, int4 per group of 32 (CPU decode).
 
 A batch-1 decode step streams every weight once, so fewer weight bytes is fewer milliseconds. Weights are
-quantized once at load; activations stay in the model dtype (bfloat16 by default) and PyTorch's own
-kernels dequantize inside the matrix product (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), as
-gpt-fast and torchao do. Measurements and quality are in docs/PERFORMANCE.md.
+quantized once at load. The kernels are kvmini's own AVX2 ones (engine/native.py): activations rounded to
+int8 per group of 32, integer dot products against the weight codes, as llama.cpp does. Where those cannot
+be built, PyTorch's weight-only kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`: activations
+stay in the model dtype, weights are dequantized inside the product), as gpt-fast and torchao do.
+Measurements and quality are in docs/PERFORMANCE.md.
 
 int8: symmetric, one scale per output row: `w ≈ q · s`, q in [-127, 127].
 int4: asymmetric, one scale and zero per 32 weights of a row: `w ≈ (q - 8) · s + z`, q in [0, 15]. This is
@@ -19,6 +21,7 @@ from torch import nn
 
 from engine.config import ModelConfig
 from engine.invariance import CHECKED_ROWS
+from engine.native import native_kernels
 from engine.packed_linear import run_bucketed
 
 QUANTIZATIONS = ("int8", "int4", "auto")
@@ -67,7 +70,11 @@ def weight_bytes_per_token(config: ModelConfig, quantization: str | None, dense_
 
 
 class Int8Linear(nn.Module):
-    """`y = x (q · s)^T + b` with int8 `q` `[out, in]` and one scale per output row."""
+    """`y = x (q · s)^T + b` with int8 `q` `[out, in]` and one scale per output row.
+
+    Its kernel is kvmini's own where it can be built and `in` is a multiple of 32 (`engine.native`):
+    activations rounded to int8 per group of 32 and integer dot products, as llama.cpp's Q8_0. Otherwise
+    PyTorch's `_weight_int8pack_mm` (float activations). `kernel` says which; both compute each row alone."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_dtype: torch.dtype):
         super().__init__()
@@ -77,6 +84,8 @@ class Int8Linear(nn.Module):
         self.scales = (w.abs().amax(dim=1).clamp(min=1e-10) / 127).to(act_dtype)
         self.qweight = (w / self.scales.float().unsqueeze(1)).round_().clamp_(-127, 127).to(torch.int8)
         self.bias = None if bias is None else bias.detach().to(act_dtype).contiguous()
+        native = native_kernels().available and self.in_features % INT4_GROUP_SIZE == 0
+        self.kernel = "native" if native else "torch"
 
     invariant_rows = 1  # rows per kernel call with each row's result unchanged (engine/invariance.py)
     row_check_limit = CHECKED_ROWS  # its time grows with every row: larger calls would gain nothing
@@ -91,7 +100,10 @@ class Int8Linear(nn.Module):
 
     def row_fn(self, x2d: torch.Tensor) -> torch.Tensor:
         """The kernel at any row count (it streams the int8 weight once per row)."""
-        y = torch.ops.aten._weight_int8pack_mm(x2d, self.qweight, self.scales)
+        if self.kernel == "native":
+            y = torch.ops.kvmini_native.int8_linear(x2d, self.qweight, self.scales)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x2d, self.qweight, self.scales)
         return y if self.bias is None else y + self.bias
 
     def tile_fn(self, size: int):
@@ -110,7 +122,11 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """`y = x W^T + b` with W as 4-bit codes, a scale and a zero per 32 weights of each row."""
+    """`y = x W^T + b` with W as 4-bit codes, a scale and a zero per 32 weights of each row.
+
+    Its kernel is kvmini's own where it can be built (`engine.native`): activations rounded to int8 per
+    group of 32 and integer dot products against the codes, as llama.cpp's Q4_1 x Q8_1. Otherwise PyTorch's
+    `_weight_int4pack_mm_for_cpu` (float activations). `kernel` says which; both compute each row alone."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_dtype: torch.dtype):
         super().__init__()
@@ -121,15 +137,18 @@ class Int4Linear(nn.Module):
         g = weight.detach().float().view(n, k // INT4_GROUP_SIZE, INT4_GROUP_SIZE)
         low, high = g.amin(dim=-1, keepdim=True), g.amax(dim=-1, keepdim=True)
         scale = ((high - low) / 15).clamp(min=1e-10).to(act_dtype)
-        zero = (low + 8 * scale.float()).to(act_dtype)  # the kernel's zero is the value of code 8
-        codes = ((g - zero.float()) / scale.float() + 8).round_().clamp_(0, 15).to(torch.uint8).view(n, k)
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 1)
-        # The kernel's layout is opaque, so the codes are also kept two to a byte in plain order (even
-        # column low): what `weight` dequantizes for large row counts. Together: about 1 byte per weight.
-        self.codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
-        self.scale, self.zero = scale, zero  # [out, groups, 1]
-        # [groups, out, 2]: the layout the kernel reads.
-        self.scales_and_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous()
+        zero = (low + 8 * scale.float()).to(act_dtype)  # the kernels' zero is the value of code 8
+        codes = ((g - zero.float()) / scale.float() + 8).round_().clamp_(0, 15).to(torch.uint8)
+        # Two codes a byte, in the order the native kernel unpacks: byte j of a group holds codes j (low
+        # nibble) and j + 16 (high). What `weight` dequantizes too. [out, in / 2]
+        half = INT4_GROUP_SIZE // 2
+        self.codes = (codes[..., :half] | (codes[..., half:] << 4)).view(n, k // 2)
+        self.scales_zeros = torch.cat([scale, zero], dim=-1)  # [out, groups, 2]
+        self.scale, self.zero = self.scales_zeros[..., :1], self.scales_zeros[..., 1:]  # [out, groups, 1] views
+        self.kernel = "native" if native_kernels().available else "torch"
+        if self.kernel == "torch":  # PyTorch's kernel reads its own opaque layout and [groups, out, 2]
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.view(n, k).int(), 1)
+            self.scales_and_zeros = self.scales_zeros.transpose(0, 1).contiguous()
         self.bias = None if bias is None else bias.detach().to(act_dtype).contiguous()
 
     invariant_rows = 1  # rows per kernel call with each row's result unchanged (engine/invariance.py)
@@ -144,7 +163,10 @@ class Int4Linear(nn.Module):
     __call__ = forward
 
     def row_fn(self, x2d: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.packed, INT4_GROUP_SIZE, self.scales_and_zeros)
+        if self.kernel == "native":
+            y = torch.ops.kvmini_native.int4_linear(x2d, self.codes, self.scales_zeros)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.packed, INT4_GROUP_SIZE, self.scales_and_zeros)
         return y if self.bias is None else y + self.bias
 
     def tile_fn(self, size: int):
@@ -163,7 +185,8 @@ class Int4Linear(nn.Module):
     def weight(self) -> torch.Tensor:
         """The dequantized weight `(q - 8) * scale + zero`, in the activation dtype."""
         n, k = self.out_features, self.in_features
-        codes = torch.stack((self.codes & 15, self.codes >> 4), dim=-1).view(n, k // INT4_GROUP_SIZE, INT4_GROUP_SIZE)
+        packed = self.codes.view(n, k // INT4_GROUP_SIZE, INT4_GROUP_SIZE // 2)
+        codes = torch.cat((packed & 15, packed >> 4), dim=-1)
         return ((codes.to(self.scale.dtype) - 8) * self.scale + self.zero).view(n, k)
 
     def extra_repr(self) -> str:

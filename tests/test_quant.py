@@ -13,7 +13,7 @@ from engine.cli import main
 from engine.config import ModelConfig
 from engine.packed_linear import can_pack
 from engine.quant import (
-    INT4_GROUP_SIZE, Int4Linear, Int8Linear, parse_quantization, quantize_linear, weight_bytes_per_token,
+    INT4_GROUP_SIZE, QUANT_MAX_ROWS, Int4Linear, Int8Linear, parse_quantization, quantize_linear, weight_bytes_per_token,
 )
 
 LAYERS = {"int8": Int8Linear, "int4": Int4Linear}
@@ -21,8 +21,35 @@ LAYERS = {"int8": Int8Linear, "int4": Int4Linear}
 
 def reference(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     """x W_deq^T + b in float64: what the kernel computes before its own output rounding."""
-    y = x.double() @ layer.weight.double().t()
+    native = getattr(layer, "kernel", None) == "native" and x.shape[0] <= QUANT_MAX_ROWS
+    if native and isinstance(layer, Int4Linear):
+        y = native_int4_reference(x, layer)
+    elif native:
+        y = int8_activations(x) @ (layer.qweight.double() * layer.scales.double().unsqueeze(1)).t()
+    else:
+        y = x.double() @ layer.weight.double().t()
     return y if layer.bias is None else y + layer.bias.double()
+
+
+def int8_activations(x: torch.Tensor) -> torch.Tensor:
+    """The native kernels' activations in float64, [m, k]: rounded to int8 per group of 32 with scale
+    amax / 127, computed in float32 as the kernel does."""
+    m, k = x.reshape(-1, x.shape[-1]).shape
+    groups = x.float().reshape(m, k // INT4_GROUP_SIZE, INT4_GROUP_SIZE)
+    top = groups.abs().amax(dim=-1, keepdim=True)
+    codes = torch.round(groups * torch.where(top > 0, 127 / top, 0))
+    return (codes.double() * (top / 127).double()).view(m, k)
+
+
+def native_int4_reference(x: torch.Tensor, layer: Int4Linear) -> torch.Tensor:
+    """engine/csrc/quant_mm.cpp's int4 arithmetic in float64: int8 activations (`int8_activations`) times
+    the centred weights (q - 8) s, plus each group's zero z times the exact sum of its activations."""
+    m, k = x.reshape(-1, x.shape[-1]).shape
+    rounded = int8_activations(x).view(m, k // INT4_GROUP_SIZE, INT4_GROUP_SIZE)
+    packed = layer.codes.view(layer.out_features, k // INT4_GROUP_SIZE, INT4_GROUP_SIZE // 2)
+    centred = (torch.cat((packed & 15, packed >> 4), dim=-1).double() - 8) * layer.scale.double()
+    sums = x.double().reshape(m, k // INT4_GROUP_SIZE, INT4_GROUP_SIZE).sum(-1)
+    return torch.einsum("mgj,ngj->mn", rounded, centred) + torch.einsum("mg,ng->mn", sums, layer.zero.double().squeeze(-1))
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4"])
@@ -37,7 +64,8 @@ def test_layer_equals_its_dequantized_weights(kind, dtype, bias, rows):
     x = torch.randn(rows, 128, generator=g).to(dtype)
     y, ref = layer(x), reference(x, layer)
     assert y.dtype == dtype and y.shape == (rows, 96)
-    # float32: summation order only; bfloat16: one output rounding (2^-8 relative) on top.
+    # float32: summation order only; bfloat16: one output rounding (2^-8 relative) on top. (The native
+    # kernels' int8 activations are in the reference.)
     rtol = 1e-5 if dtype == torch.float32 else 2**-7
     assert ((y.double() - ref).abs() <= rtol * ref.abs() + rtol * ref.abs().max()).all()
     assert layer(x.view(1, rows, 128)).shape == (1, rows, 96)  # leading dimensions are kept
