@@ -1,8 +1,9 @@
 """kvmini's AVX2 int8/int4 kernels (engine/native.py) against PyTorch's weight-only ones, in speed and quality.
 
-Each side runs in its own process (`KVMINI_NATIVE=1` / `0`: a layer's kernel is chosen when it is built):
-- speed: µs per call of one layer at SmolLM2's shapes, 1 / 4 / 16 rows of bfloat16 input;
-- quality on the default model, decode path: the text of bench/kv_memory.py fed one token at a time
+- speed: µs per call of one layer at SmolLM2's shapes, 1 / 4 / 16 rows of bfloat16 input, kvmini's kernel
+  and PyTorch's over the same weights alternating in one process;
+- quality on the default model, decode path, each side in its own process (`KVMINI_NATIVE=1` / `0`: a
+  layer's kernel is chosen when it is built): the text of bench/kv_memory.py fed one token at a time
   through a session (every row goes through the kernels, as decoding does), perplexity and the argmax
   before each token, compared with bfloat16 dense weights (run once, in the first process).
 Writes bench/results/native_kernels.json. Time it on a quiet machine (no other process running).
@@ -30,7 +31,7 @@ ROWS = (1, 4, 16)
 
 
 def per_call_us(fn, x: torch.Tensor, repeats: int) -> float:
-    for _ in range(10):
+    for _ in range(5):
         fn(x)
     start = time.perf_counter()
     for _ in range(repeats):
@@ -38,7 +39,19 @@ def per_call_us(fn, x: torch.Tensor, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats * 1e6
 
 
-def speed(repeats: int) -> dict:
+def pytorch_kernels(int8: "Int8Linear", int4: "Int4Linear"):  # noqa: F821
+    """PyTorch's weight-only kernels over the very weights of kvmini's layers."""
+    n, k = int4.out_features, int4.in_features
+    packed_codes = int4.codes.view(n, k // 32, 16)
+    codes = torch.cat((packed_codes & 15, packed_codes >> 4), dim=-1).view(n, k)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 1)
+    scales_and_zeros = torch.cat([int4.scale, int4.zero], dim=-1).transpose(0, 1).contiguous()
+    return (lambda x: torch.ops.aten._weight_int8pack_mm(x, int8.qweight, int8.scales),
+            lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 32, scales_and_zeros))
+
+
+def speed(repeats: int, rounds: int = 3) -> dict:
+    """µs per call, kvmini's kernel and PyTorch's alternating in this process (`rounds` times each)."""
     from engine.quant import Int4Linear, Int8Linear
 
     out = {}
@@ -46,11 +59,17 @@ def speed(repeats: int) -> dict:
     with torch.inference_mode():
         for name, (k, n) in SHAPES.items():
             weight = (torch.randn(n, k, generator=g) * 0.02).to(torch.bfloat16)
-            for kind, layer in (("int8", Int8Linear(weight, None, torch.bfloat16)),
-                                ("int4", Int4Linear(weight, None, torch.bfloat16))):
-                for rows in ROWS:
-                    x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
-                    out[f"{kind} {name} x{rows}"] = per_call_us(layer, x, repeats if n < 10000 else repeats // 10)
+            int8, int4 = Int8Linear(weight, None, torch.bfloat16), Int4Linear(weight, None, torch.bfloat16)
+            torch8, torch4 = pytorch_kernels(int8, int4)
+            reps = repeats if n < 10000 else max(repeats // 10, 1)
+            for rows in ROWS:
+                x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
+                for kind, ours, theirs in (("int8", int8, torch8), ("int4", int4, torch4)):
+                    times = {"native": 0.0, "torch": 0.0}
+                    for _ in range(rounds):
+                        times["native"] += per_call_us(ours, x, reps) / rounds
+                        times["torch"] += per_call_us(theirs, x, reps) / rounds
+                    out[f"{kind} {name} x{rows}"] = times
     return out
 
 
@@ -72,7 +91,8 @@ def side(args: argparse.Namespace) -> dict:
     from engine import LLM
     from engine.native import native_kernels
 
-    result = {"native": native_kernels().available, "speed_us": speed(args.repeats), "quality": {}}
+    available = native_kernels().available
+    result = {"native": available, "speed_us": speed(args.repeats) if args.dense and available else {}, "quality": {}}
     tokens = LLM(args.model, dtype="bfloat16").tokenizer.encode(english_text())[: args.tokens]
     for q in ([None] if args.dense else []) + ["int8", "auto"]:
         result["quality"][q or "bfloat16"] = fed_one_by_one(args.model, q, tokens)
@@ -101,8 +121,8 @@ def main() -> None:
     if not sides["native"]["native"]:
         sys.exit("the native kernels are off on this machine: nothing to compare")
 
-    speed_rows = [[name, sides["torch"]["speed_us"][name], us, sides["torch"]["speed_us"][name] / us]
-                  for name, us in sides["native"]["speed_us"].items()]
+    speed_us = sides["native"]["speed_us"]
+    speed_rows = [[name, t["torch"], t["native"], t["torch"] / t["native"]] for name, t in speed_us.items()]
     print_table(["layer x rows", "PyTorch µs", "native µs", "speed-up"], speed_rows)
     dense = sides["native"]["quality"]["bfloat16"]
     quality_rows, quality = [["bfloat16 dense", "-", dense["perplexity"], 1.0]], {"bfloat16": dense["perplexity"]}
@@ -116,8 +136,7 @@ def main() -> None:
     print_table(["weights", "kernel", "perplexity", "top-1 = bfloat16"], quality_rows)
     payload = {"benchmark": "native_kernels", "model": args.model.name, "tokens": args.tokens,
                "machine": machine(), "load_average_start": load_start, "load_average_end": load_average(),
-               "speed_us": {k: {"torch": sides["torch"]["speed_us"][k], "native": v}
-                            for k, v in sides["native"]["speed_us"].items()},
+               "speed_us": speed_us,
                "quality": quality}
     print(f"wrote {write_json('native_kernels', payload)}")
 
