@@ -82,6 +82,17 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def us_per_call(fn: Callable[[torch.Tensor], object], x: torch.Tensor, calls: int = 300, warmup: int = 20) -> float:
+    """Mean µs of `fn(x)` over `calls` calls after `warmup` (inference mode: no autograd bookkeeping)."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn(x)
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn(x)
+    return (time.perf_counter() - start) / calls * 1e6
+
+
 def write_json(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

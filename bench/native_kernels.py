@@ -17,26 +17,18 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import DEFAULT_MODEL, english_text, load_average, machine, print_table, write_json  # noqa: E402
+from bench.common import (  # noqa: E402
+    DEFAULT_MODEL, english_text, load_average, machine, print_table, us_per_call, write_json,
+)
 
 SHAPES = {"qkv 576->960": (576, 960), "gate_up 576->3072": (576, 3072), "down 1536->576": (1536, 576),
           "head 576->49152": (576, 49152)}  # (in, out)
 ROWS = (1, 4, 16)
-
-
-def per_call_us(fn, x: torch.Tensor, repeats: int) -> float:
-    for _ in range(5):
-        fn(x)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn(x)
-    return (time.perf_counter() - start) / repeats * 1e6
 
 
 def pytorch_kernels(int8: "Int8Linear", int4: "Int4Linear"):  # noqa: F821
@@ -67,8 +59,8 @@ def speed(repeats: int, rounds: int = 3) -> dict:
                 for kind, ours, theirs in (("int8", int8, torch8), ("int4", int4, torch4)):
                     times = {"native": 0.0, "torch": 0.0}
                     for _ in range(rounds):
-                        times["native"] += per_call_us(ours, x, reps) / rounds
-                        times["torch"] += per_call_us(theirs, x, reps) / rounds
+                        times["native"] += us_per_call(ours, x, reps, warmup=5) / rounds
+                        times["torch"] += us_per_call(theirs, x, reps, warmup=5) / rounds
                     out[f"{kind} {name} x{rows}"] = times
     return out
 

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import copy
 import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import load_average, machine, write_json  # noqa: E402
+from bench.common import load_average, machine, us_per_call, write_json  # noqa: E402
 from engine.quant import Int4Linear, Int8Linear  # noqa: E402
 
 SHAPES = {"gate_up 576->3072": (576, 3072), "down 1536->576": (1536, 576)}  # (in, out)
@@ -32,16 +31,6 @@ def torchao_configs() -> dict[str, object]:
         print("torchao has no Int8DynamicActivationInt4WeightConfig")
     configs["torchao int4 weight-only"] = tq.Int4WeightOnlyConfig(group_size=32, int4_packing_format="opaque")
     return configs
-
-
-def us_per_call(layer: nn.Module, x: torch.Tensor, calls: int = 300) -> float:
-    with torch.inference_mode():
-        for _ in range(20):
-            layer(x)
-        start = time.perf_counter()
-        for _ in range(calls):
-            layer(x)
-    return (time.perf_counter() - start) / calls * 1e6
 
 
 def layers(weight: torch.Tensor) -> dict[str, nn.Module]:

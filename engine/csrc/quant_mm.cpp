@@ -162,17 +162,23 @@ struct Int8Activations {
   }
 };
 
+// Threads split the output features, never the reduction; a feature's weights stay in L1 across its row
+// blocks. tile(j, r0, rows) computes rows r0 .. r0 + rows of output feature j.
+template <typename Tile>
+void for_each_tile(int64_t m, int64_t n, Tile tile) {
+  at::parallel_for(0, n, 16, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j)
+      for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) tile(j, r0, std::min(kRowBlock, m - r0));
+  });
+}
+
 template <typename T, typename S, typename O>
 void int8_mm(const T* x, const int8_t* wcodes, const S* wscales, int64_t m, int64_t n, int64_t k, O* out) {
   const int64_t groups = k / kGroup;
   const Int8Activations act(x, m, k);
-  at::parallel_for(0, n, 16, [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {
-        int8_rows(std::min(kRowBlock, m - r0), wcodes + j * k, wscales[j], groups, act.codes.data() + r0 * k,
-                  act.scales.data() + r0 * groups, k, out + r0 * n + j, n);
-      }
-    }
+  for_each_tile(m, n, [&](int64_t j, int64_t r0, int64_t rows) {
+    int8_rows(rows, wcodes + j * k, wscales[j], groups, act.codes.data() + r0 * k, act.scales.data() + r0 * groups,
+              k, out + r0 * n + j, n);
   });
 }
 
@@ -180,15 +186,10 @@ template <typename T, typename S, typename O>
 void int4_mm(const T* x, const uint8_t* wcodes, const S* wsz, int64_t m, int64_t n, int64_t k, O* out) {
   const int64_t groups = k / kGroup;
   const Int8Activations act(x, m, k);
-  // Threads split the output features; a feature's codes stay in L1 across the row blocks.
-  at::parallel_for(0, n, 32, [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      for (int64_t r0 = 0; r0 < m; r0 += kRowBlock) {
-        int4_rows(std::min(kRowBlock, m - r0), wcodes + j * k / 2, wsz + j * groups * 2, groups,
-                  act.codes.data() + r0 * k, act.scales.data() + r0 * groups, act.code_sums.data() + r0 * groups,
-                  act.sums.data() + r0 * groups, k, out + r0 * n + j, n);
-      }
-    }
+  for_each_tile(m, n, [&](int64_t j, int64_t r0, int64_t rows) {
+    int4_rows(rows, wcodes + j * k / 2, wsz + j * groups * 2, groups, act.codes.data() + r0 * k,
+              act.scales.data() + r0 * groups, act.code_sums.data() + r0 * groups, act.sums.data() + r0 * groups,
+              k, out + r0 * n + j, n);
   });
 }
 
