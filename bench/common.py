@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 
 from engine.kv_memory.quality import english_text  # noqa: F401  (the fixed text; bench scripts import it here)
+from engine.paths import default_model_dir
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "smollm2-135m-instruct"
+DEFAULT_MODEL = default_model_dir()
 
 
 def machine() -> dict:

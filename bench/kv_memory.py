@@ -35,8 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import DEFAULT_MODEL, RESULTS, english_text, machine, print_table, write_json  # noqa: E402
 from engine import LLM, Session  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
-from engine.head_plan import HeadPlan, calibrate, head_aware_blocks, head_aware_pools  # noqa: E402
-from engine.kv_cache import BlockManager, CacheConfig, KVCache  # noqa: E402
+from engine.head_plan import HeadPlan
+from engine.kv_memory.calibrate import calibrate
+from engine.head_pools import head_aware_blocks, head_aware_pools  # noqa: E402
+from engine.kv_cache import BlockManager
+from engine.kv_pools import CacheConfig, KVCache  # noqa: E402
 from engine.kv_memory.quality import (Agreement, agreement, cached_compare, cached_perplexity, compare,  # noqa: E402
                                       greedy)
 from engine.kv_memory.sizing import (SizingRow, blocks_for, formula_max_seqs, generated_seqs, size,  # noqa: E402

@@ -39,7 +39,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import DEFAULT_MODEL, load_average, machine, print_table, write_json  # noqa: E402
-from engine.sampling import Sampler, SamplingParams  # noqa: E402
+from engine.sampling import Sampler
+from engine.sampling_params import SamplingParams  # noqa: E402
 from engine.structured import JSON_LAYOUT, StructuredOutput, TokenMasks, bitmask_words  # noqa: E402
 from engine.tokenizer import Tokenizer  # noqa: E402
 

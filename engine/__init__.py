@@ -5,7 +5,7 @@ from engine.errors import CacheFullError, CheckpointError, EngineDeadError, Requ
 from engine.kv_policy import KVPolicy
 from engine.llm import LLM
 from engine.outputs import AttentionRows, RequestOutput, SpanMasses, TokenLogprob
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
 from engine.session import Session, Step
 from engine.structured import StructuredOutput
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from engine.errors import RequestError
 from engine.outputs import AttentionRows, SpanMasses, TopKAttention
-from engine.validation import check_int
+from engine.checks import check_int
 
 
 @dataclass(frozen=True)

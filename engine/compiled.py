@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention import GraphDecodeMeta
-from engine.config import kvmini_home
+from engine.paths import kvmini_home
 from engine.invariance import RowPlan, RowTile
 from engine.model import LlamaModel
 

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from engine.errors import CheckpointError
-
-def kvmini_home() -> Path:
-    """The per-user directory for what kvmini builds and caches: `$KVMINI_HOME`, default `~/.cache/kvmini`."""
-    return Path(os.environ.get("KVMINI_HOME", Path.home() / ".cache" / "kvmini"))
 
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")

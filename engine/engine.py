@@ -15,15 +15,18 @@ from engine.errors import EngineDeadError, RequestError
 from engine.head_stats import HeadStats, separator_token_mask
 from engine.kv_policy import KVPolicy
 from engine.outputs import RequestOutput, TokenLogprob
-from engine.runner import ModelRunner, ScheduledSeq
-from engine.sampling import Sampler, SamplerOutput, SamplingParams, make_generator, score_tokens
+from engine.runner import ModelRunner
+from engine.sequence import ScheduledSeq
+from engine.sampling import Sampler, SamplerOutput, make_generator, score_tokens
+from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence, SequenceIds
 from engine.speculative import DraftState, SpeculativeConfig
 from engine.stop import StopChecker
 from engine.structured import GrammarCompiler, GrammarMatcher, TokenMasks
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from engine.validation import ContextLimits, check_request, prompt_token_ids
+from engine.validation import ContextLimits, check_request
+from engine.checks import prompt_token_ids
 
 log = logging.getLogger("kvmini.engine")
 

@@ -3,10 +3,10 @@
 Most heads of a model attend to a sink and a local window (StreamingLLM); a few (induction, copying,
 long-range heads) reach anywhere into the context. A `HeadPlan` says, per layer, which KV heads keep every
 token's K/V; the others keep only a sink and a window (a `KVPolicy`). The plan comes from the head labels
-(engine/head_stats.py) of a calibration run: a KV head keeps its full cache when any of its query heads has a
+(engine/head_stats.py) of a calibration run (engine/kv_memory/calibrate.py): a KV head keeps its full cache when any of its query heads has a
 label in `keep_labels` (primary or secondary).
 
-The two kinds of heads live in two pools (engine/kv_cache.py `KVCache` with per-layer head counts), each
+The two kinds of heads live in two pools (engine/kv_pools.py `KVCache` with per-layer head counts), each
 with its own blocks: the full pool grows with the sequence, the window pool holds at most the policy's
 `max_blocks` per decoding sequence. Attention runs each layer's full heads over every key and its window
 heads over the kept ones (engine/attention.py `HeadSplit`).
@@ -23,12 +23,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine.config import ModelConfig
-from engine.kv_cache import BlockManager, CacheConfig, KVCache, kv_bytes_per_token
-from engine.kv_policy import KVPolicy
 
 if TYPE_CHECKING:
     from engine.head_stats import HeadLabel
-    from engine.llm import LLM
 
 # Labels whose heads need keys outside a sink and a window: they point at an earlier occurrence (induction,
 # copying, duplicate), reach far (long-range) or attend to separators anywhere (syntax). Diffuse and mixed heads
@@ -123,20 +120,6 @@ class HeadPlan:
         return cls.load(value) if isinstance(value, (str, Path)) else value
 
 
-def calibrate(llm: LLM, token_ids: Sequence[int], keep_labels: Sequence[str] = DEFAULT_KEEP_LABELS) -> HeadPlan:
-    """Label every head on `token_ids` (each token fed as a query row, as `kvmini attn` records a prompt) and
-    plan from the labels."""
-    from engine.capture import AttentionCapture
-    from engine.head_stats import label_heads
-
-    if len(token_ids) < 2:
-        raise ValueError("calibration needs at least 2 tokens")
-    with llm.session(list(token_ids[:1]), capture=AttentionCapture(head_stats=True, top_k=1)) as s:
-        s.feed(list(token_ids[1:]))
-        stats = s.head_stats
-    return HeadPlan.from_labels(label_heads(stats), llm.config, keep_labels)
-
-
 @dataclass
 class HeadSplit:
     """Index tensors of one layer's heads by pool: query heads and KV heads of the full and of the window pool
@@ -154,67 +137,3 @@ class HeadSplit:
             return torch.tensor(q, dtype=torch.long, device=device), torch.tensor(kv_heads, dtype=torch.long,
                                                                                   device=device)
         return cls(*indices(plan.full_kv_heads[layer]), *indices(plan.window_kv_heads(layer)))
-
-
-@dataclass
-class WindowTier:
-    """The window heads' pool of a head-aware engine: its blocks (every `BlockTable.window`), the sink + window
-    policy that evicts them, and each layer's `HeadSplit`."""
-
-    blocks: BlockManager
-    policy: KVPolicy
-    splits: list[HeadSplit]
-
-
-def head_aware_pools(config: ModelConfig, cache: CacheConfig, dtype: torch.dtype, plan: HeadPlan, policy: KVPolicy,
-                     max_num_seqs: int, max_model_len: int) -> tuple[int, int]:
-    """Blocks of the full heads' pool and of the window heads' pool, from the cache's budget.
-
-    The full pool grows with every sequence; a decoding sequence holds at most `policy.max_blocks` window
-    blocks, but a prompt (and a preempted sequence's recompute) is prefilled with full attention in both pools.
-    So the window pool gets room for one sequence of `max_model_len` tokens plus a window for each sequence of
-    that length the full pool holds (at most `max_num_seqs`; never more blocks than the full pool), and the
-    full pool the rest of the budget (`cache.num_blocks`, when given, sizes the full pool)."""
-    plan.check(config)
-    if plan.num_full == 0:
-        raise ValueError("the head plan keeps no KV head's full cache: use kv_policy alone for sink + window "
-                         "eviction of every head")
-    bs = cache.block_size
-    full_block = kv_bytes_per_token(config, cache, dtype, plan_heads(plan, full=True)) * bs
-    window_block = kv_bytes_per_token(config, cache, dtype, plan_heads(plan, full=False)) * bs
-    longest, window = -(-max_model_len // bs), policy.max_blocks(bs)  # blocks of one whole sequence, of a window
-
-    def windows(num_full: int) -> int:  # window blocks for the sequences of `longest` blocks the full pool holds
-        return longest + min(max_num_seqs, max(1, num_full // longest)) * window
-
-    if cache.num_blocks is not None:
-        num_full = cache.num_blocks
-    else:
-        # Every full sequence brings a window: solve budget = full x (full_block + window x window_block /
-        # longest) + longest x window_block, then give the full pool what the rounded window count leaves.
-        num_full = int((cache.budget - longest * window_block) / (full_block + window * window_block / longest))
-        num_full = (cache.budget - windows(max(num_full, 0)) * window_block) // full_block
-        if num_full < windows(num_full):  # too small a budget for that: equal pools
-            num_full = cache.budget // (full_block + window_block)
-    if num_full < 1:
-        raise ValueError(f"kv_cache_memory={cache.budget} bytes is smaller than one block of both pools "
-                         f"({full_block + window_block} bytes)")
-    return num_full, min(num_full, windows(num_full))
-
-
-def plan_heads(plan: HeadPlan, full: bool) -> list[int]:
-    """KV heads per layer of the full pool (or of the window pool)."""
-    return [len(h) if full else plan.num_kv_heads - len(h) for h in plan.full_kv_heads]
-
-
-def head_aware_blocks(config: ModelConfig, cache: CacheConfig, dtype: torch.dtype, device, plan: HeadPlan,
-                      policy: KVPolicy, max_num_seqs: int, max_model_len: int) -> BlockManager:
-    """A BlockManager over the full heads' pool whose `window` tier holds the window heads' pool (sized by
-    `head_aware_pools`). Prefix caching is off: K/V computed after an eviction differ from a full cache's."""
-    num_full, num_window = head_aware_pools(config, cache, dtype, plan, policy, max_num_seqs, max_model_len)
-    group = config.num_attention_heads // config.num_key_value_heads
-    splits = [HeadSplit.for_layer(plan, layer, group, device) for layer in range(config.num_hidden_layers)]
-    window_pool = KVCache(config, cache, dtype, device, plan_heads(plan, full=False), num_window)
-    tier = WindowTier(BlockManager(window_pool, enable_prefix_caching=False), policy, splits)
-    full_pool = KVCache(config, cache, dtype, device, plan_heads(plan, full=True), num_full)
-    return BlockManager(full_pool, enable_prefix_caching=False, window=tier)

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from engine.errors import RequestError
-from engine.validation import check_int
+from engine.checks import check_int
 
 POSITION_MODES = ("original", "streaming")
 KIND = "sink_window"

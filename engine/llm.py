@@ -13,24 +13,27 @@ from collections.abc import Iterator
 from engine.capture import AttentionCapture
 from engine.compiled import check_compile, start_decoder
 from engine.config import ModelConfig
-from engine.head_plan import HeadPlan, head_aware_blocks
+from engine.head_plan import HeadPlan
+from engine.head_pools import head_aware_blocks
 from engine.invariance import describe as describe_invariance
-from engine.kv_cache import BlockManager, CacheConfig, kv_bytes_per_token
+from engine.kv_cache import BlockManager
+from engine.kv_pools import CacheConfig, kv_bytes_per_token
 from engine.kv_policy import KVPolicy
 from engine.engine import LLMEngine
 from engine.errors import RequestError
 from engine.outputs import RequestOutput
+from engine.paths import require_default_model
 from engine.parallel.shard import RankSpec, check_tensor_parallel, load_rank
 from engine.quant import parse_quantization
 from engine.runner import ModelRunner
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerConfig
 from engine.session import Session
 from engine.speculative import SpeculativeConfig
+from engine.step import LocalExecutor
 from engine.tokenizer import Tokenizer
-from engine.validation import check_length, check_messages, prompt_token_ids
+from engine.checks import check_length, check_messages, prompt_token_ids
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "weights" / "smollm2-135m-instruct"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -76,7 +79,7 @@ class EngineConfig:
 
 
 class LLM:
-    """Load an HF-format model directory and run it.
+    """Load an HF-format model directory and run it (default: the imported SmolLM2, engine/paths.py).
 
     With `tensor_parallel_size=N` the model is split over N ranks (engine/parallel): this process is rank 0
     and starts the other N - 1 itself, or joins the group torchrun started. The whole KV pool
@@ -94,7 +97,7 @@ class LLM:
 
     def __init__(
         self,
-        model: str | Path = DEFAULT_MODEL_DIR,
+        model: str | Path | None = None,
         dtype: str | torch.dtype = "float32",
         device: str | torch.device = "cpu",
         *,
@@ -118,7 +121,7 @@ class LLM:
         num_speculative_tokens: int | None = None,
         compile: bool = False,
     ):
-        self.model_dir = Path(model)
+        self.model_dir = Path(model) if model is not None else require_default_model()
         self.config = ModelConfig.from_dir(self.model_dir)
         check_tensor_parallel(self.config, tensor_parallel_size)
         if threads is None and tensor_parallel_size > 1:
@@ -178,8 +181,14 @@ class LLM:
         decoder = None
         if ec.compile:  # every batch bucket compiled before the first request
             decoder = start_decoder(self.model, self.kv_cache.k, self.kv_cache.v, ec.batch_invariant)
-        self.runner = ModelRunner(self.model, self.kv_cache, self.blocks, device, self.config, self.workers,
-                                  ec.batch_invariant, decoder)
+        if self.workers is not None:
+            from engine.parallel.workers import TensorParallelExecutor
+
+            executor = TensorParallelExecutor(self.workers, self.model, self.kv_cache, self.config.num_attention_heads)
+        else:
+            executor = LocalExecutor(self.model, self.kv_cache, decoder)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.blocks, device, self.config, executor,
+                                  ec.batch_invariant)
         self.engine = LLMEngine(
             self.runner,
             self.tokenizer,

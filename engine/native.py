@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from engine.config import kvmini_home
+from engine.paths import kvmini_home
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "quant_mm.cpp"
 CXX_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-mavx2", "-mfma", "-fopenmp")

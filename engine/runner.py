@@ -2,25 +2,33 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
 from engine.attention import (AttentionMetadata, DecodeBatch, PrefillSegment, SinkRotation, WindowAttention,
                               group_by_length)
 from engine.capture import CaptureSink
-from engine.compiled import CompiledDecoder, DecodeRows
+from engine.compiled import CompiledDecoder
 from engine.config import ModelConfig
 from engine.invariance import RowPlan, RowTile, prompt_tile
-from engine.kv_cache import EVICTED, BlockManager, BlockTable, KVCache
+from engine.kv_cache import EVICTED, BlockManager, BlockTable
+from engine.kv_pools import KVCache
 from engine.kv_policy import KVPolicy
 from engine.model import LlamaModel
-from engine.sequence import Sequence
+from engine.sequence import ScheduledSeq, Sequence
+from engine.step import LocalExecutor, StepInputs
 
-if TYPE_CHECKING:
-    from engine.parallel.workers import WorkerGroup
+
+class StepExecutor(Protocol):
+    """What runs a step the runner built: on this process alone, or on every tensor-parallel rank. Returns the
+    logits of `step.logit_rows` and the capture sinks over every head (joined across ranks)."""
+
+    every_head: bool  # a rank captures only its heads, to be joined: each sink keeps every head's rows
+    decoder: CompiledDecoder | None
+
+    def execute(self, step: StepInputs, sinks: list[CaptureSink]) -> tuple[list, list[CaptureSink]]: ...
 
 
 # Decode rows are attended in batches of similar length: a batch may carry this many padded key positions
@@ -28,27 +36,6 @@ if TYPE_CHECKING:
 # gathered K/V stay in cache for the attention that reads them). Tuned in docs/PERFORMANCE.md.
 DECODE_MAX_PADDING = 256
 DECODE_MAX_KEYS = 4096
-
-
-@dataclass
-class ScheduledSeq:
-    """Compute `num_tokens` new tokens of `seq`, starting at its first uncached token."""
-
-    seq: Sequence
-    num_tokens: int
-    num_logits: int = 1  # trailing positions that need logits (more than 1 when scoring forced tokens)
-    # Speculative decoding (engine/speculative.py): draft tokens after a decode token, computed as decode rows
-    # at the positions after it (their K/V are written; those of rejected drafts are dropped afterwards).
-    draft: list[int] = field(default_factory=list)
-
-    @property
-    def is_decode(self) -> bool:
-        return self.num_tokens == 1 and self.seq.num_computed == self.seq.num_tokens - 1 and self.num_logits == 1
-
-    @property
-    def reaches_end(self) -> bool:
-        """The chunk ends at the sequence's last token, so it yields next-token logits."""
-        return self.seq.num_computed + self.num_tokens == self.seq.num_tokens
 
 
 @dataclass
@@ -120,88 +107,33 @@ class ForwardOutput:
     prompt_logits: list[tuple[Sequence, int, torch.Tensor]] = field(default_factory=list)
 
 
-@dataclass
-class StepInputs:
-    """One forward pass as every tensor-parallel rank runs it (`run_step`): built by rank 0's runner, sent as
-    is to the other ranks (engine/parallel/step.py)."""
-
-    input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
-    meta: AttentionMetadata
-    max_position: int
-    logit_rows: list[slice | list[int]]  # rows of the hidden states that get logits, one output head call each
-    use_cache: bool = True  # False: attention over the new tokens only, the pools untouched (`full_logits`)
-    batch_invariant: bool = False  # each logits row as alone (engine/invariance.py)
-
-
-def run_step(model: LlamaModel, kv_cache: KVCache, step: StepInputs, sinks: list[CaptureSink],
-             decoder: CompiledDecoder | None = None) -> list:
-    """The forward pass, the captured rows and the logits of `step.logit_rows` (None on ranks > 0). With a
-    compiled `decoder`, the decode rows go through its graph whenever `graph_rows` takes them."""
-    pools = (kv_cache.k, kv_cache.v) if step.use_cache else (None, None)
-    rows = graph_rows(model, step) if decoder is not None and step.use_cache else None
-    if rows is None:
-        hidden = model(step.input_ids, step.positions, step.meta, *pools, step.max_position)
-    else:
-        hidden = _run_split(model, decoder, step, rows, pools)
-    for sink in sinks:
-        sink.finish()
-    return [model.compute_logits(hidden[rows], step.batch_invariant) for rows in step.logit_rows]
-
-
-def graph_rows(model: LlamaModel, step: StepInputs) -> DecodeRows | None:
-    """The step's decode rows as the compiled graph takes them, or None when the step runs eager: no decode
-    rows, or a feature the graph does not carry (attention capture, StreamingLLM sink positions, head-aware
-    eviction, tensor parallelism; a quantized KV cache is refused by `check_compile`)."""
-    meta = step.meta
-    if not meta.decode or meta.window is not None or model.tp is not None:
-        return None
-    if any(b.captures is not None or b.sink_rotation is not None for b in meta.decode):
-        return None
-    n = sum(len(b.context_lens) for b in meta.decode)
-    positions = step.positions[:n]
-    cos, sin = model.rope.lookup(positions, step.max_position)
-    width = max(b.key_slots.shape[1] for b in meta.decode)
-    key_slots = torch.cat([F.pad(b.key_slots, (0, width - b.key_slots.shape[1])) for b in meta.decode])
-    return DecodeRows(step.input_ids[:n], cos, sin, meta.slot_mapping[:n], key_slots,
-                      [n for b in meta.decode for n in b.context_lens])
-
-
-def _run_split(model: LlamaModel, decoder: CompiledDecoder, step: StepInputs, rows: DecodeRows, pools
-               ) -> torch.Tensor:
-    """Prompt segments eager first (a recomputed sequence's decode rows attend to their K/V), then the decode
-    rows through the graph; hidden states in flat-batch order (decode rows first)."""
-    n = len(rows.context_lens)
-    parts = []
-    if step.meta.prefills:
-        meta = step.meta
-        prefills = [replace(seg, token_start=seg.token_start - n) for seg in meta.prefills]
-        plan = None if meta.row_plan is None else RowPlan(
-            [replace(t, start=t.start - n) for t in meta.row_plan.tiles if t.size])
-        rest = AttentionMetadata(meta.slot_mapping[n:], [], prefills, row_plan=plan)
-        parts.append(model(step.input_ids[n:], step.positions[n:], rest, *pools, step.max_position))
-    decoded = decoder.run(rows, *pools)
-    return decoded if not parts else torch.cat([decoded, *parts])
-
-
 class ModelRunner:
-    """Turns scheduled sequences into a step and runs it: alone, or as rank 0 of tensor-parallel `workers`
-    (engine/parallel), whose model is this rank's shard (`config` is then the whole model's).
+    """Turns scheduled sequences into a step and has its `executor` run it: here (`LocalExecutor`), or on
+    every tensor-parallel rank (engine/parallel/workers.py `TensorParallelExecutor`), where the model is this
+    rank's shard (`config` is then the whole model's).
 
     `batch_invariant` (engine/invariance.py): prompt rows in fixed tiles, decode rows through row-count-checked
     kernels and attention per row, so that no row's arithmetic depends on the rest of the step."""
 
     def __init__(self, model: LlamaModel, kv_cache: KVCache, blocks: BlockManager, device: torch.device,
-                 config: ModelConfig | None = None, workers: WorkerGroup | None = None,
-                 batch_invariant: bool = False, decoder: CompiledDecoder | None = None):
+                 config: ModelConfig | None = None, executor: StepExecutor | None = None,
+                 batch_invariant: bool = False):
         self.model = model
-        self.decoder = decoder  # the compiled decode step (engine/compiled.py), or None: eager
         self.kv_cache = kv_cache
         self.blocks = blocks
         self.device = device
         self.config = config or (model.config if model is not None else None)
-        self.workers = workers
+        self.executor = executor or LocalExecutor(model, kv_cache)
         self.batch_invariant = batch_invariant
+
+    @property
+    def decoder(self) -> CompiledDecoder | None:
+        """The compiled decode step (engine/compiled.py) the executor runs decode rows through, or None: eager."""
+        return self.executor.decoder
+
+    @decoder.setter
+    def decoder(self, decoder: CompiledDecoder | None) -> None:
+        self.executor.decoder = decoder
 
     @torch.inference_mode()
     def run(self, work: list[ScheduledSeq]) -> ForwardOutput:
@@ -212,7 +144,7 @@ class ModelRunner:
         cfg = self.model.config  # under tensor parallelism, this rank's shard: its heads are captured here
         captures = {
             w.seq.seq_id: w.seq.capture.sink(cfg.num_hidden_layers, cfg.num_attention_heads, w.num_logits,
-                                             w.seq.num_computed + w.num_tokens, every_head=self.workers is not None,
+                                             w.seq.num_computed + w.num_tokens, every_head=self.executor.every_head,
                                              chunk_start=w.seq.num_computed)
             for w in work if w.seq.capture is not None
         }
@@ -224,7 +156,8 @@ class ModelRunner:
         positions = layout.positions()
         step = StepInputs(self._tensor(layout.token_ids()), self._tensor(positions), meta, max(positions),
                           logit_rows, batch_invariant=self.batch_invariant)
-        logits, captures = self._execute(step, captures)
+        logits, joined = self.executor.execute(step, list(captures.values()))
+        captures = dict(zip(captures, joined))
         for w in work:
             self.blocks.commit(w.seq.block_table, w.seq.token_ids, w.seq.num_computed + w.num_tokens,
                                self._shareable(w.seq))
@@ -304,21 +237,6 @@ class ModelRunner:
         if sample_rows:
             logit_rows.append(sample_rows)
         return logit_rows, prompt_parts, sampled
-
-    def _execute(self, step: StepInputs, captures: dict[int, CaptureSink]) -> tuple[list, dict[int, CaptureSink]]:
-        """Run `step` here, or on every tensor-parallel rank: the other ranks get the step first, and the
-        captured heads of every rank are joined afterwards (engine/parallel/step.py)."""
-        sinks = list(captures.values())
-        if self.workers is None:
-            return run_step(self.model, self.kv_cache, step, sinks, self.decoder), captures
-        from engine.parallel.step import join_captures, send_step
-
-        tp = self.workers.tp
-        with self.workers.collective():
-            send_step(tp, step, sinks)
-            logits = run_step(self.model, self.kv_cache, step, sinks)
-            joined = join_captures(tp, sinks, self.config.num_attention_heads)
-        return logits, dict(zip(captures, joined))
 
     def _metadata(self, layout: StepLayout, captures: dict[int, CaptureSink], tier: BlockManager) -> AttentionMetadata:
         """Where the flat batch's K/V go and what each row reads, through `tier`'s blocks (`self.blocks`, or
@@ -428,5 +346,5 @@ class ModelRunner:
         meta = AttentionMetadata(slot_mapping=None, decode=[], prefills=[PrefillSegment(0, n, None)])
         step = StepInputs(self._tensor(token_ids), torch.arange(n, device=self.device), meta, n - 1, [slice(0, n)],
                           use_cache=False)
-        return self._execute(step, {})[0][0]
+        return self.executor.execute(step, [])[0][0]
 

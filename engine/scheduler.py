@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from engine.invariance import tile_boundary_below
 from engine.kv_cache import BlockManager
-from engine.runner import ScheduledSeq
+from engine.sequence import ScheduledSeq
 from engine.sequence import Sequence, SequenceStatus
 
 

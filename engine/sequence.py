@@ -12,7 +12,7 @@ from engine.capture import CaptureState
 from engine.kv_cache import BlockTable
 from engine.kv_policy import KVPolicy
 from engine.outputs import TokenLogprob
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):
@@ -73,3 +73,24 @@ class SequenceIds:
 
     def next(self) -> int:
         return next(self._counter)
+
+
+@dataclass
+class ScheduledSeq:
+    """Compute `num_tokens` new tokens of `seq`, starting at its first uncached token."""
+
+    seq: Sequence
+    num_tokens: int
+    num_logits: int = 1  # trailing positions that need logits (more than 1 when scoring forced tokens)
+    # Speculative decoding (engine/speculative.py): draft tokens after a decode token, computed as decode rows
+    # at the positions after it (their K/V are written; those of rejected drafts are dropped afterwards).
+    draft: list[int] = field(default_factory=list)
+
+    @property
+    def is_decode(self) -> bool:
+        return self.num_tokens == 1 and self.seq.num_computed == self.seq.num_tokens - 1 and self.num_logits == 1
+
+    @property
+    def reaches_end(self) -> bool:
+        """The chunk ends at the sequence's last token, so it yields next-token logits."""
+        return self.seq.num_computed + self.num_tokens == self.seq.num_tokens

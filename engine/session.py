@@ -9,11 +9,13 @@ import torch
 from engine.capture import CaptureState
 from engine.errors import RequestError
 from engine.outputs import AttentionRows, TokenLogprob
-from engine.runner import ModelRunner, ScheduledSeq
-from engine.sampling import Sampler, SamplingParams, make_generator, score_tokens
+from engine.runner import ModelRunner
+from engine.sequence import ScheduledSeq
+from engine.sampling import Sampler, make_generator, score_tokens
+from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence, SequenceIds
 from engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from engine.validation import check_length, check_token_ids
+from engine.checks import check_length, check_token_ids
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=None)
 

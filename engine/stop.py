@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
 
 
 class StopChecker:

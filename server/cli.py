@@ -1,17 +1,18 @@
-"""`kvmini serve`: load a model and run the HTTP server with uvicorn (127.0.0.1 by default)."""
+"""`kvmini serve`: load a model and run the HTTP server with uvicorn (127.0.0.1 by default). FastAPI and
+uvicorn are imported only to serve: `kvmini` builds every subcommand's parser from this module."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import re
 import signal
-from collections.abc import Callable
-from types import FrameType
+from pathlib import Path
 
-import uvicorn
+from engine.cli import HelpFormatter, add_model_args, load_llm, one_of, version_string
+from engine.kv_pools import DEFAULT_KV_CACHE_MEMORY
+from engine.paths import require_default_model
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -42,15 +43,58 @@ def parse_origins(text: str | None) -> tuple[str, ...]:
     return tuple(v.strip() for v in values if v.strip())
 
 
+def add_subcommands(sub: argparse._SubParsersAction) -> None:
+    """`kvmini serve` (engine/cli.py names this module in its PLUGIN_MODULES)."""
+    s = sub.add_parser("serve", help="run the HTTP server (OpenAI-compatible API plus /generate)",
+                       description="Serve MODEL (an HF-format directory; default: the imported SmolLM2) over HTTP: "
+                                   "the OpenAI-compatible API plus /generate, on 127.0.0.1 unless --host says "
+                                   "otherwise. Like `vllm serve MODEL`.", formatter_class=HelpFormatter)
+    s.add_argument("model_positional", nargs="?", type=Path, metavar="MODEL",
+                   help="HF-format model directory (the same as --model)")
+    add_model_args(s)
+    s.add_argument("--version", action="version", version=version_string())
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $KVMINI_API_KEY, else none)")
+    s.add_argument("--served-model-name", help="the model id of /v1/models and responses (default: the model "
+                                               "directory's name)")
+    s.add_argument("--max-model-len", type=int, help="context length in tokens (default: the model's "
+                                                     "max_position_embeddings)")
+    s.add_argument("--kv-cache-memory", default=f"{DEFAULT_KV_CACHE_MEMORY >> 20}M",
+                   help="KV cache size: bytes, or with a suffix like 512M, 2G")
+    s.add_argument("--max-num-seqs", type=int, default=64, help="most sequences decoded together")
+    s.add_argument("--max-num-batched-tokens", type=int, default=512, help="most tokens in one step (prefill "
+                                                                         "chunks and decode rows)")
+    s.add_argument("--max-waiting-requests", type=int, default=256,
+                   help="queued requests beyond which new ones get 429")
+    s.add_argument("--allowed-origins", help="origins a browser page may call the API from (CORS): comma-separated, "
+                                             "or a JSON list as vLLM takes it; '*' for any (default: none)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="uvicorn's log level")
+    s.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM, seconds running requests get to finish before they are ended (default: 30)")
+    s.add_argument("--max-stop-strings", type=int, default=16, help="most stop strings per request (default: 16)")
+    s.add_argument("--max-stop-length", type=int, default=256,
+                   help="most characters per stop string (default: 256)")
+    s.set_defaults(func=_serve, runs_model=True)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    args.model = one_of("model", args.model_positional, args.model) or require_default_model()
+    return serve(args)
+
+
 def serve(args: argparse.Namespace) -> int:
     """Run the server until interrupted. `args` as `kvmini serve` parses them (engine/cli.py); those a
     caller may leave out (max_waiting_requests, served_model_name, max_model_len, log_level) take the same
     defaults. SIGTERM drains (see `DrainingServer`) and exits 0."""
     import torch
 
-    from engine.cli import load_llm
+    import uvicorn
+
     from engine.quant import describe
     from server.app import create_app
+    from server.draining import SHUTDOWN_GRACE_S, DrainingServer
     from server.settings import ServerSettings
 
     api_key = args.api_key if args.api_key is not None else (os.environ.get("KVMINI_API_KEY") or None)
@@ -100,26 +144,6 @@ def serve(args: argparse.Namespace) -> int:
 def _speculative(llm) -> str:
     spec = llm.engine_config.speculative
     return f"speculative: {spec.describe()}" if spec is not None else "no speculative decoding"
-
-
-# After the shutdown timeout has ended the last streams, how long uvicorn still waits for them to close.
-SHUTDOWN_GRACE_S = 5.0
-
-
-class DrainingServer(uvicorn.Server):
-    """uvicorn's server, whose first SIGTERM/SIGINT also starts the engine loop's drain: uvicorn stops
-    accepting connections and waits for the open ones, the loop refuses new requests and ends what still
-    runs after the shutdown timeout with a final error event (uvicorn alone would wait forever)."""
-
-    def __init__(self, config: uvicorn.Config, drain: Callable[[], None]) -> None:
-        super().__init__(config)
-        self._drain = drain
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        first = not self.should_exit
-        super().handle_exit(sig, frame)
-        if first:  # a signal handler runs between bytecodes of the loop's thread: schedule, don't run here
-            asyncio.get_event_loop().call_soon_threadsafe(self._drain)
 
 
 def _window_blocks(stats: dict) -> str:

@@ -40,7 +40,7 @@ from engine.capture import AttentionCapture
 from engine.errors import RequestError
 from engine.llm import LLM
 from engine.outputs import RequestOutput
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
 from server.errors import APIError
 from server.metrics import Metrics
 

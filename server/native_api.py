@@ -40,7 +40,7 @@ from starlette.concurrency import run_in_threadpool
 
 from engine.head_stats import label_heads
 from engine.outputs import AttentionRows, RequestOutput
-from engine.validation import check_text, check_token_ids
+from engine.checks import check_text, check_token_ids
 from server.engine_loop import EngineStepError, Submission
 from server.errors import APIError, error_body
 from server.params import (

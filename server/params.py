@@ -30,17 +30,10 @@ from engine.capture import AttentionCapture, Span, char_span, token_char_offsets
 from engine.errors import RequestError
 from engine.kv_policy import KVPolicy
 from engine.llm import LLM
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
 from engine.structured import StructuredOutput
-from engine.validation import (
-    SEED_END,
-    SEED_MIN,
-    check_int,
-    check_request,
-    check_stop_limits,
-    prompt_token_ids,
-    resolve_max_tokens,
-)
+from engine.checks import SEED_END, SEED_MIN, check_int, check_stop_limits, prompt_token_ids
+from engine.validation import check_request, resolve_max_tokens
 from server.engine_loop import Submission
 from server.errors import APIError
 from server.protocol import AttentionRequest, ChatMessage, ResponseFormat, SamplingFields

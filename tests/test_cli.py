@@ -341,7 +341,8 @@ def test_serve_cli_reads_like_vllms(monkeypatch, capsys, tmp_path):
     """`kvmini serve MODEL` (positional, or --model), vLLM's option names, every default in --help, --version."""
     import server.cli
 
-    from engine.cli import DEFAULT_MODEL, main
+    from engine.cli import main
+    from engine.paths import default_model_dir
 
     seen = {}
     monkeypatch.setattr(server.cli, "serve", lambda args: seen.setdefault("args", args) and 0)
@@ -353,7 +354,7 @@ def test_serve_cli_reads_like_vllms(monkeypatch, capsys, tmp_path):
     assert main(["serve", "--model", str(tmp_path)]) == 0 and seen.pop("args").model == tmp_path
     assert main(["serve", str(tmp_path), "--kv-cache-dtype", "int8"]) == 0
     assert seen.pop("args").kv_cache_dtype == "int8"
-    assert main(["serve"]) == 0 and seen.pop("args").model == DEFAULT_MODEL
+    assert main(["serve"]) == 0 and seen.pop("args").model == default_model_dir()
     assert main(["serve", str(tmp_path), "--model", str(tmp_path / "other")]) == 2
     assert "given twice" in capsys.readouterr().err
 

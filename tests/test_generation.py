@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from engine import LLM, AttentionCapture, CacheFullError, SamplingParams
-from engine.runner import ScheduledSeq
+from engine.sequence import ScheduledSeq
 from engine.sequence import Sequence
 
 from checkpoints import make_checkpoint

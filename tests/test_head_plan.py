@@ -188,8 +188,9 @@ def test_cli_plans_and_generates_with_the_plan(tiny, tmp_path, capsys):
 
 
 def test_sequences_generated_to_a_context_follow_the_blocks_they_hold():
-    from engine.head_plan import head_aware_blocks, head_aware_pools
-    from engine.kv_cache import BlockManager, CacheConfig, KVCache
+    from engine.head_pools import head_aware_blocks, head_aware_pools
+    from engine.kv_cache import BlockManager
+    from engine.kv_pools import CacheConfig, KVCache
     from engine.kv_memory.sizing import generated_seqs, peak_blocks, synthetic_config
 
     config = synthetic_config(layers=2, heads=4, kv_heads=2, head_dim=8)  # 2 x 2 x 2 x 8 x 4 = 256 B/token

@@ -12,7 +12,8 @@ import torch
 from engine import kv_cache as kv_mod
 from engine.config import ModelConfig
 from engine.errors import CacheFullError
-from engine.kv_cache import BlockAllocator, BlockManager, BlockTable, CacheConfig, KVCache
+from engine.kv_cache import BlockAllocator, BlockManager, BlockTable
+from engine.kv_pools import CacheConfig, KVCache
 
 LAYERS, KV_HEADS, HEAD_DIM = 3, 2, 8
 

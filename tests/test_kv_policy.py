@@ -13,7 +13,8 @@ from engine.attention import SinkRotation, rotate_sink_keys
 from engine.capture import AttentionCapture
 from engine.config import ModelConfig, RopeScaling
 from engine.errors import RequestError, RequestTooLargeError
-from engine.kv_cache import EVICTED, BlockManager, BlockTable, CacheConfig, KVCache
+from engine.kv_cache import EVICTED, BlockManager, BlockTable
+from engine.kv_pools import CacheConfig, KVCache
 from engine.kv_policy import KVPolicy
 from engine.model import RopeTable, apply_rope, rope_inv_freq
 

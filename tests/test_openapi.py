@@ -19,7 +19,7 @@ from schemathesis import GenerationMode
 
 from checkpoints import make_checkpoint
 from engine import LLM
-from engine.validation import CHAT_ROLES as ENGINE_CHAT_ROLES
+from engine.checks import CHAT_ROLES as ENGINE_CHAT_ROLES
 from live_server import LiveServer
 from server import ServerSettings, create_app
 from server.protocol import CHAT_ROLES

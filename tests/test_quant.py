@@ -205,7 +205,7 @@ def test_smollm2_quality_holds(smollm2_dir, kind):
 
 
 def test_serve_passes_quantization_and_threads_to_the_engine(capsys, monkeypatch, tiny_dir):
-    from server.cli import DrainingServer
+    from server.draining import DrainingServer
 
     served = {}
     monkeypatch.setattr(DrainingServer, "run", lambda self, sockets=None: served.update(app=self.config.app))

@@ -5,16 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.sampling import (
-    Sampler,
-    SamplingParams,
-    apply_min_p,
-    apply_penalties,
-    apply_temperature,
-    apply_top_k_top_p,
-    make_generator,
-    process_logits,
-)
+from engine.sampling import (Sampler, apply_min_p, apply_penalties, apply_temperature, apply_top_k_top_p,
+                             make_generator, process_logits)
+from engine.sampling_params import SamplingParams
 from engine.errors import RequestError
 from engine.stop import StopChecker
 

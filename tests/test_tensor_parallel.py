@@ -15,7 +15,7 @@ import pytest
 
 from engine import LLM
 from engine.capture import AttentionCapture, Span
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
 
 pytest.importorskip("transformers")
 from test_model import build_tiny  # noqa: E402 - tiny checkpoints with random norms and biases

@@ -18,7 +18,7 @@ import pytest
 
 from engine import LLM
 from engine.errors import EngineDeadError
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
 
 pytest.importorskip("transformers")
 from test_model import build_tiny  # noqa: E402

@@ -11,7 +11,8 @@ import pytest
 from checkpoints import make_checkpoint
 from engine import LLM, SamplingParams
 from engine.errors import CacheFullError, RequestError, RequestTooLargeError
-from engine.validation import ContextLimits, check_float, check_messages, check_text, resolve_max_tokens
+from engine.validation import ContextLimits, resolve_max_tokens
+from engine.checks import check_float, check_messages, check_text
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +219,7 @@ def test_a_waiting_request_counts_one_prefix_lookup(llm):
 
 
 def test_the_servers_chat_roles_are_the_engines():
-    from engine.validation import CHAT_ROLES
+    from engine.checks import CHAT_ROLES
     from server.protocol import CHAT_ROLES as SERVER_ROLES
 
     assert SERVER_ROLES == CHAT_ROLES

@@ -11,7 +11,6 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent.parent / "weights" / "smollm2-135m-instruct"
 
 
 def add_subcommands(subparsers) -> None:
@@ -24,7 +23,7 @@ def add_subcommands(subparsers) -> None:
     src.add_argument("--prompt", help="prompt text: forced token by token, then decoded greedily")
     src.add_argument("--probe", action="store_true", help="BOS + k random tokens twice (induction probe)")
     src.add_argument("--dump", type=Path, metavar="FILE", help="read a saved dump instead of running a model")
-    a.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="HF-format model directory")
+    a.add_argument("--model", type=Path, help="HF-format model directory (default: the imported SmolLM2)")
     a.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     a.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     a.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -136,7 +135,7 @@ def _record(args: argparse.Namespace):
     capture = AttentionCapture(layers=args.layers, heads=args.heads)
     capture.validate(llm.config.num_hidden_layers, llm.config.num_attention_heads)
     kwargs = {"top_k": args.top_k, "window": args.window}
-    info = {"model": str(args.model), "dtype": args.dtype}
+    info = {"model": str(llm.model_dir), "dtype": args.dtype}
     spans = getattr(args, "spans", None)
     if args.probe:
         from engine.inspect.probe import Probe, run_probe

@@ -141,17 +141,17 @@ def run_kv_memory(args: argparse.Namespace) -> int:
 
 
 def run_head_plan(args: argparse.Namespace) -> int:
-    from engine.head_plan import calibrate
+    from engine.kv_memory.calibrate import calibrate
     from engine.head_stats import LABELS
     from engine.kv_memory.quality import english_text
-    from engine.llm import DEFAULT_MODEL_DIR, LLM
+    from engine.llm import LLM
 
     keep = tuple(k.strip() for k in args.keep.split(",") if k.strip())
     if not keep or any(k not in LABELS for k in keep):
         raise ValueError(f"--keep takes labels from {', '.join(LABELS)}; got {args.keep!r}")
     if args.tokens < 2:
         raise ValueError("--tokens must be >= 2")
-    llm = LLM(args.model or DEFAULT_MODEL_DIR, dtype=args.dtype)
+    llm = LLM(args.model, dtype=args.dtype)
     ids = llm.tokenizer.encode(args.text.read_text() if args.text else english_text())
     ids = ids[: args.tokens] if args.text else ids[-args.tokens :]
     plan = calibrate(llm, ids, keep)
@@ -191,7 +191,7 @@ def _notes(row, context: int) -> set[str]:
 def _config(args: argparse.Namespace):
     from engine.config import ModelConfig
     from engine.kv_memory.sizing import synthetic_config
-    from engine.llm import DEFAULT_MODEL_DIR
+    from engine.paths import require_default_model
 
     shape = (args.layers, args.heads, args.head_dim)
     if any(v is not None for v in shape):
@@ -202,7 +202,7 @@ def _config(args: argparse.Namespace):
         kv = args.kv_heads or args.heads
         config = synthetic_config(args.layers, args.heads, kv, args.head_dim)
         return config, f"synthetic: {args.layers} layers, {args.heads} heads / {kv} KV heads, head_dim {args.head_dim}"
-    model = args.model or DEFAULT_MODEL_DIR
+    model = args.model or require_default_model()
     config = ModelConfig.from_dir(model)
     if args.kv_heads is not None:
         from engine.kv_memory.variants import variant_config

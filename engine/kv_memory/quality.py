@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.llm import LLM
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
 
 
 def english_text() -> str:

@@ -1,7 +1,7 @@
 """KV-cache memory: the formula, and the same quantities measured on real allocations and the real scheduler.
 
 Theory: one token costs `2 (K and V) x layers x kv_heads x head_dim x bytes per value` (the dtype's bytes; with
-an 8-bit `kv_cache_dtype`, 1 plus a 2-byte scale per head: `engine.kv_cache.kv_bytes_per_token`); a sequence holds whole
+an 8-bit `kv_cache_dtype`, 1 plus a 2-byte scale per head: `engine.kv_pools.kv_bytes_per_token`); a sequence holds whole
 blocks, so `ceil(context / block_size)` of them; a budget of B bytes is `B // bytes_per_block` blocks.
 
 Measurement never trusts that formula:
@@ -25,11 +25,12 @@ import torch
 from engine.config import ModelConfig
 from engine.engine import LLMEngine
 from engine.errors import CacheFullError
-from engine.kv_cache import BlockManager, BlockTable, CacheConfig, KVCache, kv_bytes_per_token
+from engine.kv_cache import BlockManager, BlockTable
+from engine.kv_pools import CacheConfig, KVCache, kv_bytes_per_token
 from engine.kv_memory.variants import variant_name
 from engine.kv_policy import KVPolicy
 from engine.runner import ModelRunner
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerConfig
 
 UNLIMITED = 2**62  # scheduler limits (sequences, batched tokens) that must never be what stops admission

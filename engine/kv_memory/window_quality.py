@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from engine.kv_memory.quality import agreement
 from engine.kv_policy import KVPolicy
 from engine.llm import LLM
-from engine.sampling import SamplingParams
+from engine.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import torch
 
 from engine.checkpoint import load_weights
 from engine.config import ModelConfig
-from engine.kv_cache import CacheConfig, KVCache
+from engine.kv_pools import CacheConfig, KVCache
 from engine.model import LlamaModel, build_model
 
 if TYPE_CHECKING:

@@ -20,7 +20,7 @@ import torch
 from engine.capture import CaptureSink, ValueNorms
 from engine.model import LlamaModel
 from engine.parallel.comm import TensorParallel
-from engine.runner import StepInputs
+from engine.step import StepInputs
 
 STOP = "stop"  # the header that ends the workers' loop
 

@@ -28,13 +28,14 @@ import torch.multiprocessing as mp
 
 from engine.config import ModelConfig
 from engine.errors import EngineDeadError
-from engine.kv_cache import KVCache
+from engine.kv_pools import KVCache
 from engine.model import LlamaModel
 from engine.parallel.comm import (LOAD_TIMEOUT, RANK0_TIMEOUT, Rendezvous, TensorParallel, default_threads,
                                   host_store, join_group, num_joined)
 from engine.parallel.shard import RankSpec, load_rank
-from engine.parallel.step import STOP, join_captures, receive_step
-from engine.runner import run_step
+from engine.parallel.step import STOP, join_captures, receive_step, send_step
+from engine.capture import CaptureSink
+from engine.step import StepInputs, run_step
 
 EXIT_GRACE_S = 10.0  # after the stop header, how long a rank gets to exit before it is killed
 REAP_WAIT_S = 1.0  # after a failed collective, how long to wait for the rank behind it to be seen exiting
@@ -174,6 +175,28 @@ class WorkerGroup:
         self.kill()
         if self.tp is not None:
             self.tp.close()
+
+
+class TensorParallelExecutor:
+    """How rank 0's runner runs a step over the group: every other rank gets the step first, all run their shard
+    (all-reduces inside), and the captured heads of every rank are joined afterwards (engine/parallel/step.py)."""
+
+    every_head = True  # each rank captures its own heads; the sinks keep all of them for the join
+    decoder = None  # the compiled step does not run tensor-parallel (engine/compiled.py `check_compile`)
+
+    def __init__(self, group: WorkerGroup, model: LlamaModel, kv_cache: KVCache, num_heads: int):
+        self.group = group
+        self.model = model
+        self.kv_cache = kv_cache
+        self.num_heads = num_heads  # the whole model's query heads
+
+    def execute(self, step: StepInputs, sinks: list[CaptureSink]) -> tuple[list, list[CaptureSink]]:
+        tp = self.group.tp
+        with self.group.collective():
+            send_step(tp, step, sinks)
+            logits = run_step(self.model, self.kv_cache, step, sinks)
+            joined = join_captures(tp, sinks, self.num_heads)
+        return logits, joined
 
 
 def worker_main(rv: Rendezvous, device_type: str, threads: int | None) -> None:
