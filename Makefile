@@ -9,9 +9,9 @@ PYTEST_ARGS ?=
 
 .PHONY: setup serve test bench bench-attention soak bench-peers clean
 
-# The last line builds kvmini's int4 kernel (engine/native.py) once per machine, or says why it is off.
+# The last line builds kvmini's int4 kernel (engine/model/native.py) once per machine, or says why it is off.
 setup: $(VENV)/.installed $(MODEL)/config.json
-	@$(BIN)/python -c "from engine.native import main; main()"
+	@$(BIN)/python -c "from engine.model.native import main; main()"
 
 # Reinstalls only when the dependency list changes.
 $(VENV)/.installed: pyproject.toml constraints.txt

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
+from engine.core.paths import default_model_dir
 from engine.kv_memory.quality import english_text  # noqa: F401  (the fixed text; bench scripts import it here)
-from engine.paths import default_model_dir
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_MODEL = default_model_dir()

@@ -5,7 +5,7 @@ llama.cpp on the default GGUF requantised by llama.cpp's own quantizer to F16, Q
 decodes the same 32-token prompt (--context 32,1024: each length in turn) for 128 new tokens; decode speed is (tokens - 1) / (last token time - first
 token time), so prefill is excluded. Engines alternate run by run (--repeats runs each, median reported).
 Ratios are taken at the same bit width (bfloat16 : F16, int8 : Q8_0, int4 : Q4_0). kvmini runs batch-invariant,
-as by default; --compile adds each variant compiled (engine/compiled.py) with its start time; --without-invariance adds each variant with `batch_invariant=False`, to see what invariance costs. The bandwidth bound is
+as by default; --compile adds each variant compiled (engine/model/compiled.py) with its start time; --without-invariance adds each variant with `batch_invariant=False`, to see what invariance costs. The bandwidth bound is
 the measured read bandwidth / the weight bytes a token streams. Writes bench/results/decode.json.
 """
 
@@ -23,11 +23,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (  # noqa: E402
-    DEFAULT_MODEL, english_text, load_average, machine, print_table, read_bandwidth_gbs, token_times, write_json,
+    DEFAULT_MODEL,
+    english_text,
+    load_average,
+    machine,
+    print_table,
+    read_bandwidth_gbs,
+    token_times,
+    write_json,
 )
 from engine import LLM  # noqa: E402
-from engine.config import ModelConfig  # noqa: E402
-from engine.quant import weight_bytes_per_token  # noqa: E402
+from engine.core.config import ModelConfig  # noqa: E402
+from engine.model.quant import weight_bytes_per_token  # noqa: E402
 
 # An engine run: returns the arrival time of every generated token.
 Runner = Callable[[], list[float]]
@@ -133,7 +140,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5, help="timed runs per engine (median reported)")
     ap.add_argument("--compile", action="store_true",
-                    help="also run each kvmini variant with compile=True (engine/compiled.py), its start time recorded")
+                    help="also run each kvmini variant with compile=True (engine/model/compiled.py), its start time recorded")
     ap.add_argument("--without-invariance", action="store_true",
                     help="also run each kvmini variant with batch_invariant=False (what batch invariance costs)")
     args = ap.parse_args()
@@ -145,8 +152,8 @@ def main() -> None:
 
 def measure(args: argparse.Namespace, prompt_tokens: int) -> dict:
     """One run at one prompt length: every engine, alternating; prints the table and returns the payload."""
-    from engine.gguf_import import default_gguf_path
-    from engine.tokenizer import Tokenizer
+    from engine.model.gguf_import import default_gguf_path
+    from engine.text.tokenizer import Tokenizer
 
     load = load_average()
     config = ModelConfig.from_dir(args.model)

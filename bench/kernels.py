@@ -1,10 +1,10 @@
 """The two kernel choices behind kvmini's CPU speed, measured on this machine.
 
 1. Linear layers at decode: `F.linear` (PyTorch's default MKL path) against oneDNN-packed weights
-   (engine/packed_linear.py), on SmolLM2-135M's weight shapes, one input row, weights cold in cache
+   (engine/model/packed_linear.py), on SmolLM2-135M's weight shapes, one input row, weights cold in cache
    (30 copies per shape are cycled, as the 30 layers are). Prints GB/s of weights streamed.
 2. Batched decode attention: 64 sequences of one length gathered and attended as one batch against
-   smaller batches (what engine/attention.py's group_by_length produces).
+   smaller batches (what engine/model/attention.py's group_by_length produces).
 
 Writes bench/results/kernels.json.
 """
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import machine, print_table, write_json  # noqa: E402
-from engine.packed_linear import PackedLinear  # noqa: E402
+from engine.model.packed_linear import PackedLinear  # noqa: E402
 
 # SmolLM2-135M: hidden 576, 9 heads / 3 KV heads of 64, MLP 1536, vocabulary 49152.
 SHAPES = {"qkv_proj": (960, 576), "o_proj": (576, 576), "gate_up_proj": (3072, 576), "down_proj": (576, 1536),

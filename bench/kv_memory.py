@@ -7,7 +7,7 @@ MQA-1; the others are made with `engine.kv_memory.variants`):
   process); sequences admitted by a weightless LLMEngine at a memory budget until the scheduler refuses one;
 - for the real variants (float32): perplexity on a fixed English text, greedy agreement with the original
   over 128 tokens on a few chat prompts, and batch-1 greedy decode tokens/s at a short and a long context;
-- the cache table: every variant x KV-cache dtype (bfloat16, int8, fp8_e4m3; engine/kv_quant.py) with a
+- the cache table: every variant x KV-cache dtype (bfloat16, int8, fp8_e4m3; engine/cache/kv_quant.py) with a
   bfloat16 model: bytes per token, sequences admitted in the budget, and perplexity and greedy agreement
   read back through the cache (the text fed 64 tokens at a time, so attention reads the stored K/V).
 
@@ -34,20 +34,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import DEFAULT_MODEL, RESULTS, english_text, machine, print_table, write_json  # noqa: E402
 from engine import LLM, Session  # noqa: E402
-from engine.config import ModelConfig  # noqa: E402
-from engine.head_plan import HeadPlan
+from engine.api.llm import parse_dtype  # noqa: E402
+from engine.cache.blocks import BlockManager
+from engine.cache.head_plan import HeadPlan
+from engine.cache.head_pools import head_aware_blocks, head_aware_pools  # noqa: E402
+from engine.cache.kv_policy import KVPolicy  # noqa: E402
+from engine.cache.pools import CacheConfig, KVCache  # noqa: E402
+from engine.core.config import ModelConfig  # noqa: E402
 from engine.kv_memory.calibrate import calibrate
-from engine.head_pools import head_aware_blocks, head_aware_pools  # noqa: E402
-from engine.kv_cache import BlockManager
-from engine.kv_pools import CacheConfig, KVCache  # noqa: E402
-from engine.kv_memory.quality import (Agreement, agreement, cached_compare, cached_perplexity, compare,  # noqa: E402
-                                      greedy)
-from engine.kv_memory.sizing import (SizingRow, blocks_for, formula_max_seqs, generated_seqs, size,  # noqa: E402
-                                     token_bytes)
-from engine.kv_memory.window_quality import fed, forced_agreement, greedy_tokens  # noqa: E402
-from engine.kv_policy import KVPolicy  # noqa: E402
+from engine.kv_memory.quality import Agreement, agreement, cached_compare, cached_perplexity, compare, greedy  # noqa: E402
+from engine.kv_memory.sizing import SizingRow, blocks_for, formula_max_seqs, generated_seqs, size, token_bytes  # noqa: E402
 from engine.kv_memory.variants import convert_kv_heads, divisors, variant_config, variant_name  # noqa: E402
-from engine.llm import parse_dtype  # noqa: E402
+from engine.kv_memory.window_quality import fed, forced_agreement, greedy_tokens  # noqa: E402
 
 PROMPTS = [
     "What is the capital of France, and what is it famous for?",
@@ -159,7 +157,7 @@ def prepare(args, config: ModelConfig, kv_counts: list[int], workdir: Path) -> d
 def run_quality(args, config: ModelConfig, kv_counts: list[int], workdir: Path) -> list[VariantResult]:
     """All variants loaded at once: the original's greedy outputs are the reference; the first perplexity
     window's prefill also fills the long-context speed session, so each long prefill runs once."""
-    from engine.tokenizer import Tokenizer
+    from engine.text.tokenizer import Tokenizer
 
     dirs = prepare(args, config, kv_counts, workdir)
     tok = Tokenizer.from_dir(args.model)
@@ -197,7 +195,7 @@ def run_quality(args, config: ModelConfig, kv_counts: list[int], workdir: Path) 
 def run_cache_quality(args, config: ModelConfig, kv_counts: list[int], workdir: Path) -> list[CacheResult]:
     """Every variant with every KV-cache dtype, one loaded at a time; the reference is the original model's
     greedy output with a bfloat16 cache."""
-    from engine.tokenizer import Tokenizer
+    from engine.text.tokenizer import Tokenizer
 
     dirs = prepare(args, config, kv_counts, workdir)
     tok = Tokenizer.from_dir(args.model)
@@ -251,7 +249,7 @@ def run_eviction(args, config: ModelConfig, kv_counts: list[int], workdir: Path)
     tokens, each fed alone (a decode step), and 128 greedy tokens after text prompts of 512 tokens (longer
     than the window, so the first step already evicts), against the original model with a full bfloat16 cache.
     Each variant's head plan is calibrated on the text's last 1024 tokens, which nothing here scores."""
-    from engine.tokenizer import Tokenizer
+    from engine.text.tokenizer import Tokenizer
 
     dirs = prepare(args, config, kv_counts, workdir)
     text = Tokenizer.from_dir(args.model).encode(english_text())

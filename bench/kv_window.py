@@ -17,8 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import DEFAULT_MODEL, english_text, machine, write_json  # noqa: E402
 from engine import LLM  # noqa: E402
+from engine.cache.kv_policy import KVPolicy  # noqa: E402
 from engine.kv_memory.window_quality import measure  # noqa: E402
-from engine.kv_policy import KVPolicy  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""kvmini's AVX2 int8/int4 kernels (engine/native.py) against PyTorch's weight-only ones, in speed and quality.
+"""kvmini's AVX2 int8/int4 kernels (engine/model/native.py) against PyTorch's weight-only ones, in speed and quality.
 
 - speed: µs per call of one layer at SmolLM2's shapes, 1 / 4 / 16 rows of bfloat16 input, kvmini's kernel
   and PyTorch's over the same weights alternating in one process;
@@ -23,7 +23,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (  # noqa: E402
-    DEFAULT_MODEL, english_text, load_average, machine, print_table, us_per_call, write_json,
+    DEFAULT_MODEL,
+    english_text,
+    load_average,
+    machine,
+    print_table,
+    us_per_call,
+    write_json,
 )
 
 SHAPES = {"qkv 576->960": (576, 960), "gate_up 576->3072": (576, 3072), "down 1536->576": (1536, 576),
@@ -44,7 +50,7 @@ def pytorch_kernels(int8: "Int8Linear", int4: "Int4Linear"):  # noqa: F821
 
 def speed(repeats: int, rounds: int = 3) -> dict:
     """µs per call, kvmini's kernel and PyTorch's alternating in this process (`rounds` times each)."""
-    from engine.quant import Int4Linear, Int8Linear
+    from engine.model.quant import Int4Linear, Int8Linear
 
     out = {}
     g = torch.Generator().manual_seed(0)
@@ -81,7 +87,7 @@ def fed_one_by_one(model: Path, quantization: str | None, tokens: list[int]) -> 
 def side(args: argparse.Namespace) -> dict:
     """What one process measures (its kernels fixed by KVMINI_NATIVE)."""
     from engine import LLM
-    from engine.native import native_kernels
+    from engine.model.native import native_kernels
 
     available = native_kernels().available
     result = {"native": available, "speed_us": speed(args.repeats) if args.dense and available else {}, "quality": {}}

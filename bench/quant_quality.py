@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import DEFAULT_MODEL, english_text, machine, print_table, write_json  # noqa: E402
 from engine import LLM  # noqa: E402
 from engine.kv_memory.quality import compare, greedy, perplexity  # noqa: E402
-from engine.quant import describe  # noqa: E402
+from engine.model.quant import describe  # noqa: E402
 
 
 def main() -> None:

@@ -24,7 +24,13 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (  # noqa: E402
-    DEFAULT_MODEL, english_text, load_average, machine, print_table, token_times, write_json,
+    DEFAULT_MODEL,
+    english_text,
+    load_average,
+    machine,
+    print_table,
+    token_times,
+    write_json,
 )
 from engine.cli import DEFAULT_DTYPE, DEFAULT_QUANTIZATION  # noqa: E402
 
@@ -141,7 +147,7 @@ def main() -> None:
                     help="environment variable for the server process only")
     args = ap.parse_args()
 
-    from engine.tokenizer import Tokenizer
+    from engine.text.tokenizer import Tokenizer
 
     load = load_average()
     corpus = Tokenizer.from_dir(args.model).encode(english_text())

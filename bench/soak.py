@@ -15,7 +15,7 @@ Canaries (`CANARIES`: greedy and seeded, on every route, one capturing attention
 before the load, then `--canary-clients` more clients (default 2) send them over and over during it, each
 read to the end; every
 answer must equal its answer alone, event for event (token ids, text, logprobs, attention rows; ids,
-timestamps and usage aside). That is the server's batch invariance (engine/invariance.py) under load.
+timestamps and usage aside). That is the server's batch invariance (engine/model/invariance.py) under load.
 
 SSE is parsed on "\\n" only (never `str.splitlines`, which also splits on U+2028 and friends inside the
 generated text), one JSON payload per `data: ` line. A stream "without its final event" is one the server
@@ -63,7 +63,7 @@ from bench.serve import free_port  # noqa: E402
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/generate")
 # Canaries: greedy and seeded requests on every route, one with attention capture, one with top logprobs.
 # Each is sent alone before the load; during it one more client sends them again and again, read to the
-# end. Batch invariance (engine/invariance.py) says every answer must be the same, event for event.
+# end. Batch invariance (engine/model/invariance.py) says every answer must be the same, event for event.
 CANARIES = (
     ("/v1/completions", {"prompt": "The capital of France is", "max_tokens": 24, "temperature": 0}),
     ("/v1/completions", {"prompt": "Once upon a time, in a small village,", "max_tokens": 32, "temperature": 1.0,

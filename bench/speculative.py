@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import load_average, machine, print_table, write_json  # noqa: E402
 from engine import LLM, SamplingParams  # noqa: E402
-from engine.gguf_import import default_gguf_path  # noqa: E402
-from engine.llm import DEFAULT_MODEL_DIR  # noqa: E402
+from engine.api.llm import DEFAULT_MODEL_DIR  # noqa: E402
+from engine.model.gguf_import import default_gguf_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 PASSAGE_CHARS = 1100

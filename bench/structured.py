@@ -5,7 +5,7 @@ outlines-core` to compare; kvmini itself needs only llguidance) with the default
 
 * setup: the library's view of the vocabulary, built once per tokenizer (from `Tokenizer.token_bytes`);
 * compile: a schema to the library's compiled grammar, cold (a fresh compiler; for llguidance, which builds its
-  lexer lazily, with the first mask, as engine/structured.py does), and a new per-request matcher from the
+  lexer lazily, with the first mask, as engine/text/structured.py does), and a new per-request matcher from the
   compiled grammar (what a request costs once the engine has cached its grammar);
 * per generated token: computing the allowed-token bitmask, and advancing the matcher with the chosen token,
   over a fixed valid JSON document tokenised as the model would write it (then EOS), fed token by token;
@@ -39,10 +39,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import DEFAULT_MODEL, load_average, machine, print_table, write_json  # noqa: E402
-from engine.sampling import Sampler
-from engine.sampling_params import SamplingParams  # noqa: E402
-from engine.structured import JSON_LAYOUT, StructuredOutput, TokenMasks, bitmask_words  # noqa: E402
-from engine.tokenizer import Tokenizer  # noqa: E402
+from engine.sampling.params import SamplingParams  # noqa: E402
+from engine.sampling.sampler import Sampler
+from engine.text.structured import JSON_LAYOUT, StructuredOutput, TokenMasks, bitmask_words  # noqa: E402
+from engine.text.tokenizer import Tokenizer  # noqa: E402
 
 SCHEMA = {
     "type": "object",
@@ -100,7 +100,7 @@ class LLGuidance:
     def compile(self, schema: dict) -> Any:
         grammar = self.llg.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_LAYOUT)
         matcher = self.llg.LLMatcher(self.tokenizer, grammar, log_level=0)
-        # llguidance builds its lexer lazily: the first mask is part of compiling (as in engine/structured.py).
+        # llguidance builds its lexer lazily: the first mask is part of compiling (as in engine/text/structured.py).
         self.fill(matcher, torch.zeros(bitmask_words(self.vocab.size), dtype=torch.int32))
         assert not matcher.is_error(), matcher.get_error()
         return matcher  # the template: requests start from copies of it

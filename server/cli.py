@@ -10,9 +10,10 @@ import re
 import signal
 from pathlib import Path
 
+from engine.cache.pools import DEFAULT_KV_CACHE_MEMORY
 from engine.cli import HelpFormatter, add_model_args, load_llm, one_of, version_string
-from engine.kv_pools import DEFAULT_KV_CACHE_MEMORY
-from engine.paths import require_default_model
+from engine.core.paths import require_default_model
+from engine.sched.scheduler import SchedulerConfig
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -62,9 +63,10 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
                                                      "max_position_embeddings)")
     s.add_argument("--kv-cache-memory", default=f"{DEFAULT_KV_CACHE_MEMORY >> 20}M",
                    help="KV cache size: bytes, or with a suffix like 512M, 2G")
-    s.add_argument("--max-num-seqs", type=int, default=64, help="most sequences decoded together")
-    s.add_argument("--max-num-batched-tokens", type=int, default=512, help="most tokens in one step (prefill "
-                                                                         "chunks and decode rows)")
+    s.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs,
+                   help="most sequences decoded together")
+    s.add_argument("--max-num-batched-tokens", type=int, default=SchedulerConfig.max_num_batched_tokens,
+                   help="most tokens in one step (prefill chunks and decode rows)")
     s.add_argument("--max-waiting-requests", type=int, default=256,
                    help="queued requests beyond which new ones get 429")
     s.add_argument("--allowed-origins", help="origins a browser page may call the API from (CORS): comma-separated, "
@@ -89,10 +91,9 @@ def serve(args: argparse.Namespace) -> int:
     caller may leave out (max_waiting_requests, served_model_name, max_model_len, log_level) take the same
     defaults. SIGTERM drains (see `DrainingServer`) and exits 0."""
     import torch
-
     import uvicorn
 
-    from engine.quant import describe
+    from engine.model.quant import describe
     from server.app import create_app
     from server.draining import SHUTDOWN_GRACE_S, DrainingServer
     from server.settings import ServerSettings
@@ -147,6 +148,6 @@ def _speculative(llm) -> str:
 
 
 def _window_blocks(stats: dict) -> str:
-    """Head-aware eviction: the window heads' pool beside the full heads' (engine/head_plan.py)."""
+    """Head-aware eviction: the window heads' pool beside the full heads' (engine/cache/head_plan.py)."""
     n = stats.get("kv_window_blocks_total")
     return f" for the full-cache heads, {int(n)} for the window heads" if n is not None else ""

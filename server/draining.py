@@ -8,7 +8,6 @@ from types import FrameType
 
 import uvicorn
 
-
 # After the shutdown timeout has ended the last streams, how long uvicorn still waits for them to close.
 SHUTDOWN_GRACE_S = 5.0
 

@@ -36,11 +36,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.capture import AttentionCapture
-from engine.errors import RequestError
-from engine.llm import LLM
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.api.llm import LLM
+from engine.capture.capture import AttentionCapture
+from engine.core.errors import RequestError
+from engine.core.outputs import RequestOutput
+from engine.sampling.params import SamplingParams
 from server.errors import APIError
 from server.metrics import Metrics
 

@@ -38,9 +38,9 @@ import uuid
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from engine.head_stats import label_heads
-from engine.outputs import AttentionRows, RequestOutput
-from engine.checks import check_text, check_token_ids
+from engine.capture.head_stats import label_heads
+from engine.core.checks import check_text, check_token_ids
+from engine.core.outputs import AttentionRows, RequestOutput
 from server.engine_loop import EngineStepError, Submission
 from server.errors import APIError, error_body
 from server.params import (
@@ -117,7 +117,7 @@ def attention_json(rows: AttentionRows, all_ids: list[int], head_mean: bool) -> 
 
 
 def head_stats_json(stats) -> list[dict]:
-    """Every captured head's scores and labels (engine/head_stats.py, docs/ATTENTION.md)."""
+    """Every captured head's scores and labels (engine/capture/head_stats.py, docs/ATTENTION.md)."""
     return [
         {"layer": lab.layer, "head": lab.head, "label": lab.label, "secondary": lab.secondary,
          "score": _number(lab.score), "scores": {k: _number(v) for k, v in lab.scores.items()},

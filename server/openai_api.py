@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from engine.capture import token_char_offsets
-from engine.errors import RequestError
-from engine.outputs import RequestOutput, TokenLogprob
+from engine.capture.capture import token_char_offsets
+from engine.core.errors import RequestError
+from engine.core.outputs import RequestOutput, TokenLogprob
 from server.engine_loop import EngineStepError, Submission
 from server.errors import APIError, error_body
 from server.params import (

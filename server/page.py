@@ -21,7 +21,7 @@ from importlib.resources import files
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 
-from engine.head_stats import LABELS
+from engine.capture.head_stats import LABELS
 from engine.inspect.report import (
     ABBREV,
     GENERATED_COLOUR,

@@ -1,6 +1,6 @@
 """From request bodies to engine inputs: prompt token ids, `SamplingParams`, `AttentionCapture`.
 
-The rules are the engine's (engine/validation.py: token ids, numbers, text, the context and KV-pool
+The rules are the engine's (engine/api/validation.py: token ids, numbers, text, the context and KV-pool
 rules); here an engine `RequestError` becomes `APIError(400, ..., param=<this route's field>)`, so
 chat's `max_completion_tokens` and `messages` are named as the client wrote them. Per-server caps
 (`n`, stop strings, attention size) are checked here.
@@ -26,14 +26,14 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from engine.capture import AttentionCapture, Span, char_span, token_char_offsets
-from engine.errors import RequestError
-from engine.kv_policy import KVPolicy
-from engine.llm import LLM
-from engine.sampling_params import SamplingParams
-from engine.structured import StructuredOutput
-from engine.checks import SEED_END, SEED_MIN, check_int, check_stop_limits, prompt_token_ids
-from engine.validation import check_request, resolve_max_tokens
+from engine.api.llm import LLM
+from engine.api.validation import check_request, resolve_max_tokens
+from engine.cache.kv_policy import KVPolicy
+from engine.capture.capture import AttentionCapture, Span, char_span, token_char_offsets
+from engine.core.checks import SEED_END, SEED_MIN, check_int, check_stop_limits, prompt_token_ids
+from engine.core.errors import RequestError
+from engine.sampling.params import SamplingParams
+from engine.text.structured import StructuredOutput
 from server.engine_loop import Submission
 from server.errors import APIError
 from server.protocol import AttentionRequest, ChatMessage, ResponseFormat, SamplingFields
@@ -87,7 +87,7 @@ def prompt_ids(llm: LLM, prompt: str | list[int], param: str = "prompt") -> list
 
 def max_tokens_for(llm: LLM, num_prompt: int, max_tokens: int | None, *, prompt_param: str,
                    max_tokens_param: str = "max_tokens", body: SamplingFields | None = None) -> int:
-    """The context rules (engine/validation.py `resolve_max_tokens`), errors naming this route's fields;
+    """The context rules (engine/api/validation.py `resolve_max_tokens`), errors naming this route's fields;
     `body`: the request, whose kv_policy (or the server's) lets max_tokens exceed the KV pool."""
     return _context_checked(resolve_max_tokens, num_prompt, max_tokens, llm.engine.limits,
                             prompt_param=prompt_param, max_tokens_param=max_tokens_param,
@@ -95,7 +95,7 @@ def max_tokens_for(llm: LLM, num_prompt: int, max_tokens: int | None, *, prompt_
 
 
 def request_kv_policy(llm: LLM, body: SamplingFields) -> KVPolicy | None:
-    """The request's kv_policy (engine/kv_policy.py), else the server's default."""
+    """The request's kv_policy (engine/cache/kv_policy.py), else the server's default."""
     with request_errors():
         policy = KVPolicy.coerce(body.kv_policy)
     return policy if policy is not None else llm.engine.kv_policy

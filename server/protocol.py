@@ -17,9 +17,9 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Strict, StrictBool, StrictStr, Tag
 
-from engine.kv_policy import KV_POLICY_PATTERN
-from engine.sampling_params import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS
-from engine.checks import INT32_END, SEED_END, SEED_MIN
+from engine.cache.kv_policy import KV_POLICY_PATTERN
+from engine.core.checks import INT32_END, SEED_END, SEED_MIN
+from engine.sampling.params import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS
 
 
 def _whole_float_to_int(value: Any) -> Any:

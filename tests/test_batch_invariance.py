@@ -1,4 +1,4 @@
-"""Batch invariance (engine/invariance.py): a request's tokens, logprobs and captured attention are bitwise the
+"""Batch invariance (engine/model/invariance.py): a request's tokens, logprobs and captured attention are bitwise the
 same alone and inside any batch: other prompts of 5-500 tokens prefilling while it decodes, small token
 budgets (chunked prefill), a pool so small that sequences are preempted and recomputed, prefix-cache hits,
 through `LLM.generate` and a `Session`, in float32 and in bfloat16 with every weight quantization.
@@ -15,11 +15,18 @@ import random
 import pytest
 import torch
 
-from engine import LLM, AttentionCapture, SamplingParams
-from engine.invariance import CHECKED_ROWS, RowCheck, RowPlan, RowTile, apply_plan, prompt_tile, tile_boundary_below
-from engine.packed_linear import DenseLinear
-
 from checkpoints import make_checkpoint
+from engine import LLM, AttentionCapture, SamplingParams
+from engine.model.invariance import (
+    CHECKED_ROWS,
+    RowCheck,
+    RowPlan,
+    RowTile,
+    apply_plan,
+    prompt_tile,
+    tile_boundary_below,
+)
+from engine.model.packed_linear import DenseLinear
 
 BLOCK = 16
 # (dtype, quantization): float32 dense, and bfloat16 dense and with each weight-only quantization.

@@ -15,9 +15,9 @@ from safetensors.torch import load_file, save_file
 
 from checkpoints import make_checkpoint
 from engine import LLM
-from engine.checkpoint import expected_shapes, load_weights
-from engine.config import ModelConfig
-from engine.errors import CheckpointError
+from engine.core.config import ModelConfig
+from engine.core.errors import CheckpointError
+from engine.model.checkpoint import expected_shapes, load_weights
 
 pytest.importorskip("transformers")
 

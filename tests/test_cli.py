@@ -279,7 +279,7 @@ def test_info_refuses_what_loading_refuses(capsys, tiny_ckpt: Path, tmp_path: Pa
     """`kvmini info` exits 2 with the one-line message `LLM(...)` (so `kvmini serve`) raises, naming the file
     and the tensor or field, and prints nothing else."""
     from engine import LLM
-    from engine.errors import CheckpointError
+    from engine.core.errors import CheckpointError
 
     break_it, fname, fragments = INFO_BROKEN[kind]
     model_dir = Path(shutil.copytree(tiny_ckpt, tmp_path / "model"))
@@ -295,12 +295,12 @@ def test_info_refuses_what_loading_refuses(capsys, tiny_ckpt: Path, tmp_path: Pa
 
 def test_info_ok_reads_headers_only(capsys, tiny_ckpt: Path, monkeypatch) -> None:
     """A good checkpoint passes with a 'checkpoint OK' line, without reading any tensor's data."""
-    import engine.checkpoint
+    import engine.model.checkpoint
 
     def no_reading(*args):
         raise AssertionError("info read tensor data")
 
-    monkeypatch.setattr(engine.checkpoint, "_read_file", no_reading)
+    monkeypatch.setattr(engine.model.checkpoint, "_read_file", no_reading)
     code, out, err = run_cli(capsys, "info", tiny_ckpt)
     assert code == 0 and err == ""
     assert out.splitlines()[-1] == "checkpoint OK: 21 tensors (21 F32) in 1 safetensors file, tokenizer of 259 tokens"
@@ -340,9 +340,8 @@ def test_info_ok_variants(capsys, tiny_ckpt: Path, tmp_path: Path, kind: str) ->
 def test_serve_cli_reads_like_vllms(monkeypatch, capsys, tmp_path):
     """`kvmini serve MODEL` (positional, or --model), vLLM's option names, every default in --help, --version."""
     import server.cli
-
     from engine.cli import main
-    from engine.paths import default_model_dir
+    from engine.core.paths import default_model_dir
 
     seen = {}
     monkeypatch.setattr(server.cli, "serve", lambda args: seen.setdefault("args", args) and 0)

@@ -1,4 +1,4 @@
-"""The compiled decode step (engine/compiled.py, `LLM(compile=True)`): float32 logits within 1e-5 of eager and
+"""The compiled decode step (engine/model/compiled.py, `LLM(compile=True)`): float32 logits within 1e-5 of eager and
 the same greedy tokens; a request's tokens bitwise the same alone or batched (the graphs of every batch bucket
 round alike); bfloat16 SmolLM2 teacher-forced top-1 agreement >= 0.99 with eager; what it refuses.
 
@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from engine import LLM, SamplingParams
-from engine.compiled import BATCH_BUCKETS, CompiledDecoder, bucket, compile_cache_dir
-
 from checkpoints import make_checkpoint
+from engine import LLM, SamplingParams
+from engine.model.compiled import BATCH_BUCKETS, CompiledDecoder, bucket, compile_cache_dir
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9] * 7, [11] * 30]
 

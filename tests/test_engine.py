@@ -160,7 +160,7 @@ def test_capture_inside_a_batch(tiny_dir):
 
 
 def test_group_by_length_bounds_padding_and_keys():
-    from engine.attention import group_by_length
+    from engine.model.attention import group_by_length
 
     assert group_by_length([], 10, 100) == []
     assert group_by_length([5], 0, 1) == [1]  # a lone sequence is never split
@@ -179,7 +179,7 @@ def test_group_by_length_bounds_padding_and_keys():
 
 def test_decode_split_into_length_groups_matches_one_batch(tiny_dir, monkeypatch):
     """Rows attended in many small padded batches give the tokens and attention of one big batch."""
-    import engine.runner as runner
+    import engine.exec.runner as runner
     from engine import AttentionCapture
 
     llm = LLM(tiny_dir, block_size=4, num_blocks=512)
@@ -200,7 +200,7 @@ def test_decode_split_into_length_groups_matches_one_batch(tiny_dir, monkeypatch
 
 def test_prefill_sdpa_path_matches_explicit_path(tiny_dir, monkeypatch):
     """Long chunks switch from explicit scores to SDPA: same logits and tokens, with and without a prefix."""
-    import engine.attention as attention
+    import engine.model.attention as attention
 
     llm = LLM(tiny_dir, block_size=4, num_blocks=512, max_num_batched_tokens=16)  # 50 tokens: 4 chunks
     ids = prompts(1, seed=11)[0] + list(range(50))
@@ -223,7 +223,7 @@ def test_stop_token_releases_held_bytes(tiny_dir, monkeypatch, text, stop_id, wa
     """The byte tokenizer holds text while a UTF-8 character may be incomplete; a stop ends that."""
     import torch
 
-    from engine.sampling import SamplerOutput
+    from engine.sampling.sampler import SamplerOutput
 
     llm = LLM(tiny_dir)
     raw = text.encode("latin-1") if "\xc3" in text else text.encode()

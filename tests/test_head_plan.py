@@ -1,4 +1,4 @@
-"""Head-aware eviction (engine/head_plan.py): plans, two pools, equivalence with per-head masks, refusals."""
+"""Head-aware eviction (engine/cache/head_plan.py): plans, two pools, equivalence with per-head masks, refusals."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import torch
 
 from checkpoints import make_checkpoint
 from engine import LLM, SamplingParams
-from engine.capture import AttentionCapture
+from engine.cache.head_plan import HeadPlan
+from engine.cache.kv_policy import KVPolicy
+from engine.capture.capture import AttentionCapture
+from engine.capture.head_stats import HeadLabel
 from engine.cli import main as kvmini
-from engine.errors import RequestError
-from engine.head_plan import HeadPlan
-from engine.head_stats import HeadLabel
-from engine.kv_policy import KVPolicy
+from engine.core.errors import RequestError
 
 BLOCK = 4
 POLICY = KVPolicy(4, 8)  # 1 sink block + 8 window tokens
@@ -54,7 +54,7 @@ def label(layer: int, head: int, name: str, secondary: str | None = None) -> Hea
 
 
 def test_plan_from_labels_keeps_a_kv_head_when_any_of_its_query_heads_needs_it(tiny, tmp_path):
-    from engine.config import ModelConfig
+    from engine.core.config import ModelConfig
 
     config = ModelConfig.from_dir(tiny[0])  # 2 layers, 4 query heads over 2 KV heads
     labels = [label(0, 0, "sink"), label(0, 1, "induction"), label(0, 2, "local"), label(0, 3, "sink"),
@@ -188,9 +188,9 @@ def test_cli_plans_and_generates_with_the_plan(tiny, tmp_path, capsys):
 
 
 def test_sequences_generated_to_a_context_follow_the_blocks_they_hold():
-    from engine.head_pools import head_aware_blocks, head_aware_pools
-    from engine.kv_cache import BlockManager
-    from engine.kv_pools import CacheConfig, KVCache
+    from engine.cache.blocks import BlockManager
+    from engine.cache.head_pools import head_aware_blocks, head_aware_pools
+    from engine.cache.pools import CacheConfig, KVCache
     from engine.kv_memory.sizing import generated_seqs, peak_blocks, synthetic_config
 
     config = synthetic_config(layers=2, heads=4, kv_heads=2, head_dim=8)  # 2 x 2 x 2 x 8 x 4 = 256 B/token
@@ -212,6 +212,7 @@ def test_sequences_generated_to_a_context_follow_the_blocks_they_hold():
 def test_server_runs_a_head_aware_engine(tiny):
     httpx = pytest.importorskip("httpx")
     from live_server import LiveServer
+
     from server import ServerSettings, create_app
 
     llm = head_aware(tiny)

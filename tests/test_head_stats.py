@@ -1,4 +1,4 @@
-"""engine/head_stats.py: every score on hand-made rows, the online update, the saved state, the labels of a
+"""engine/capture/head_stats.py: every score on hand-made rows, the online update, the saved state, the labels of a
 tiny model whose weights are set by hand (an offset -2 head and a copying head), version-1 dumps."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from engine import LLM, AttentionCapture
-from engine.head_stats import (
+from engine.capture.head_stats import (
     LABELS,
     SCORES,
     HeadStats,
@@ -297,7 +297,7 @@ def test_update_checks_its_input():
 
 
 def test_separator_token_mask(tmp_path):
-    from engine.tokenizer import Tokenizer
+    from engine.text.tokenizer import Tokenizer
 
     write_byte_tokenizer(tmp_path)
     tok = Tokenizer.from_dir(tmp_path)
@@ -329,7 +329,7 @@ def make_copy_model(out: Path) -> Path:
       out of order) the key it reads is never the induction key;
     * heads 2 and 3 have zero queries (uniform rows) and zero outputs.
     """
-    from engine.tokenizer import Tokenizer
+    from engine.text.tokenizer import Tokenizer
 
     hd, n_heads = 64, 4
     model = make_checkpoint(out, layers=1, num_heads=n_heads, num_kv_heads=n_heads, hidden=64, head_dim=hd,
@@ -399,8 +399,8 @@ def test_hand_made_offset_and_copying_heads_get_their_labels(copy_dump):
 
 
 def test_version_1_dump_recomputes_the_statistics(copy_dump, tmp_path):
-    from safetensors.numpy import load_file, save_file
     from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
 
     path = save_dump(copy_dump, tmp_path / "v2.safetensors")
     with safe_open(str(path), framework="np") as f:

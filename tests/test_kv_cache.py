@@ -9,11 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import kv_cache as kv_mod
-from engine.config import ModelConfig
-from engine.errors import CacheFullError
-from engine.kv_cache import BlockAllocator, BlockManager, BlockTable
-from engine.kv_pools import CacheConfig, KVCache
+from engine.cache import blocks as kv_mod
+from engine.cache.blocks import BlockAllocator, BlockManager, BlockTable
+from engine.cache.pools import CacheConfig, KVCache
+from engine.core.config import ModelConfig
+from engine.core.errors import CacheFullError
 
 LAYERS, KV_HEADS, HEAD_DIM = 3, 2, 8
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from checkpoints import make_checkpoint
 from engine import LLM, SamplingParams
-from engine.config import ModelConfig
+from engine.core.config import ModelConfig
 from engine.kv_memory import cli as kv_cli
 from engine.kv_memory.quality import agreement, perplexity
 from engine.kv_memory.sizing import (

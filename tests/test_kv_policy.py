@@ -1,4 +1,4 @@
-"""Sink + window eviction (engine/kv_policy.py): bounded memory, equivalence, positions, batching, validation."""
+"""Sink + window eviction (engine/cache/kv_policy.py): bounded memory, equivalence, positions, batching, validation."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import torch
 
 from checkpoints import make_checkpoint
 from engine import LLM, SamplingParams
-from engine.attention import SinkRotation, rotate_sink_keys
-from engine.capture import AttentionCapture
-from engine.config import ModelConfig, RopeScaling
-from engine.errors import RequestError, RequestTooLargeError
-from engine.kv_cache import EVICTED, BlockManager, BlockTable
-from engine.kv_pools import CacheConfig, KVCache
-from engine.kv_policy import KVPolicy
-from engine.model import RopeTable, apply_rope, rope_inv_freq
+from engine.cache.blocks import EVICTED, BlockManager, BlockTable
+from engine.cache.kv_policy import KVPolicy
+from engine.cache.pools import CacheConfig, KVCache
+from engine.capture.capture import AttentionCapture
+from engine.core.config import ModelConfig, RopeScaling
+from engine.core.errors import RequestError, RequestTooLargeError
+from engine.model.attention import SinkRotation, rotate_sink_keys
+from engine.model.llama import RopeTable, apply_rope, rope_inv_freq
 
 BLOCK, POOL = 4, 8  # the small pool: 32 tokens
 SINK_WINDOW = "sink_window:4:8"  # 1 sink block + 8 window tokens: at most 1 + 2 + 1 = 4 blocks
@@ -308,6 +308,7 @@ def test_context_rules_with_a_policy(small):
 def test_http_kv_policy_field(tiny):
     httpx = pytest.importorskip("httpx")
     from live_server import LiveServer
+
     from server import ServerSettings, create_app
 
     llm = LLM(tiny[0], block_size=BLOCK, num_blocks=POOL)

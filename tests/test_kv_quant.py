@@ -1,4 +1,4 @@
-"""The 8-bit KV cache (`kv_cache_dtype="int8"` / `"fp8_e4m3"`, engine/kv_quant.py): what it stores, that the
+"""The 8-bit KV cache (`kv_cache_dtype="int8"` / `"fp8_e4m3"`, engine/cache/kv_quant.py): what it stores, that the
 engine reads it back (decode, chunked prefill, prefix reuse, fork, attention capture), and what it costs
 SmolLM2 in perplexity."""
 
@@ -10,8 +10,8 @@ import torch
 
 from checkpoints import make_checkpoint
 from engine import LLM, AttentionCapture, SamplingParams
+from engine.cache.kv_quant import dequantize, quantize
 from engine.kv_memory.quality import cached_perplexity
-from engine.kv_quant import dequantize, quantize
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 oneDNN compiles a primitive for every matmul shape it runs (the packed linear layers, the quantized layers'
 dense path, bfloat16 prefill attention) and caches it, at 0.6-1.5 MB apiece: a server that met every prompt
-length grew by about 1 GB. engine/packed_linear.py caps the caches and pads large row counts to a few sizes.
+length grew by about 1 GB. engine/model/packed_linear.py caps the caches and pads large row counts to a few sizes.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from engine import LLM, SamplingParams
-from engine.packed_linear import PackedLinear, bucket_rows, can_pack, run_bucketed
-from engine.quant import Int4Linear, Int8Linear
+from engine.model.packed_linear import PackedLinear, bucket_rows, can_pack, run_bucketed
+from engine.model.quant import Int4Linear, Int8Linear
 
 CPU = torch.device("cpu")
 
@@ -40,7 +40,7 @@ def test_bucket_rows_pads_little_and_to_few_sizes():
 
 
 def test_onednn_caches_are_capped_at_import():
-    # engine/packed_linear.py sets both unless the user already had; oneDNN reads them later, once.
+    # engine/model/packed_linear.py sets both unless the user already had; oneDNN reads them later, once.
     for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
         assert int(os.environ[name]) >= 1
 

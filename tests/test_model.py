@@ -10,7 +10,7 @@ import torch
 
 from checkpoints import make_checkpoint
 from engine import LLM
-from engine.errors import CheckpointError
+from engine.core.errors import CheckpointError
 
 transformers = pytest.importorskip("transformers")
 

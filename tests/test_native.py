@@ -1,4 +1,4 @@
-"""kvmini's own int8/int4 kernels (engine/csrc/quant_mm.cpp): their arithmetic, row independence, shape checks,
+"""kvmini's own int8/int4 kernels (engine/model/csrc/quant_mm.cpp): their arithmetic, row independence, shape checks,
 and the fallback to PyTorch's kernels when they are turned off or cannot be built."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.native import CPU_CAPABILITIES, native_kernels
-from engine.quant import INT4_GROUP_SIZE, Int4Linear, Int8Linear
+from engine.model.native import CPU_CAPABILITIES, native_kernels
+from engine.model.quant import INT4_GROUP_SIZE, Int4Linear, Int8Linear
 from tests.test_quant import reference
 
 LAYERS = {"int8": Int8Linear, "int4": Int4Linear}
@@ -95,7 +95,7 @@ def test_the_compiler_sees_an_opaque_op(kind):
         reason="without AVX2 the kernels are never built, so a failing compiler is never reached")),
 ])
 def test_off_or_unbuildable_falls_back_to_pytorchs_kernel(tmp_path, env, said):
-    script = ("import torch; from engine.quant import Int4Linear; "
+    script = ("import torch; from engine.model.quant import Int4Linear; "
               "l = Int4Linear(torch.randn(32, 64), None, torch.float32); x = torch.randn(2, 64); "
               "assert torch.allclose(l(x), x @ l.weight.t(), atol=1e-4); print(l.kernel)")
     run_env = {**os.environ, "KVMINI_HOME": str(tmp_path), **env}  # an empty home: nothing built yet

@@ -15,12 +15,12 @@ import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings  # hypothesis comes with schemathesis
+from live_server import LiveServer
 from schemathesis import GenerationMode
 
 from checkpoints import make_checkpoint
 from engine import LLM
-from engine.checks import CHAT_ROLES as ENGINE_CHAT_ROLES
-from live_server import LiveServer
+from engine.core.checks import CHAT_ROLES as ENGINE_CHAT_ROLES
 from server import ServerSettings, create_app
 from server.protocol import CHAT_ROLES
 

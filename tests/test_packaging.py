@@ -199,3 +199,19 @@ def test_kvmini_help_for_every_subcommand(installed) -> None:
         assert code == 0 and out.startswith(f"usage: kvmini {name}"), (name, code, out)
         assert module == "engine.cli" and Path(file).resolve().is_relative_to(installed["purelib"].resolve())
     assert each["serve"][1] == serve_help  # the entry point is what the script runs
+
+
+def test_installed_wheel_imports_the_default_model_into_kvmini_home(installed, tmp_path) -> None:
+    """`pip install .`, then `kvmini convert --default && kvmini generate "Hi"`, with no checkout: the model goes
+    to $KVMINI_HOME/models/, where `generate` (like `serve` and `LLM()`) finds it when no model is named; before
+    the import, the error names the command that does it."""
+    home = tmp_path / "home"
+    env = installed["env"] | {"KVMINI_HOME": str(home)}
+    kvmini = installed["venv"] / "bin" / "kvmini"
+    missing = subprocess.run([str(kvmini), "generate", "Hi"], cwd=installed["cwd"], env=env, capture_output=True,
+                             text=True, timeout=180)
+    assert missing.returncode == 2 and "`kvmini convert --default`" in missing.stderr, missing.stderr
+    run([kvmini, "convert", "--default"], cwd=installed["cwd"], env=env, timeout=600)
+    assert (home / "models" / "smollm2-135m-instruct" / "config.json").is_file()
+    out = run([kvmini, "generate", "Hi", "--max-tokens", "4"], cwd=installed["cwd"], env=env, timeout=300)
+    assert out.stdout.strip(), out

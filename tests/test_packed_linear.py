@@ -9,7 +9,7 @@ from torch import nn
 
 from checkpoints import make_checkpoint
 from engine import LLM, SamplingParams
-from engine.packed_linear import PackedLinear, can_pack
+from engine.model.packed_linear import PackedLinear, can_pack
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(not can_pack(CPU, torch.float32), reason="this PyTorch build has no oneDNN packing")

@@ -10,10 +10,16 @@ from torch import nn
 from checkpoints import make_checkpoint
 from engine import LLM, SamplingParams
 from engine.cli import main
-from engine.config import ModelConfig
-from engine.packed_linear import can_pack
-from engine.quant import (
-    INT4_GROUP_SIZE, QUANT_MAX_ROWS, Int4Linear, Int8Linear, parse_quantization, quantize_linear, weight_bytes_per_token,
+from engine.core.config import ModelConfig
+from engine.model.packed_linear import can_pack
+from engine.model.quant import (
+    INT4_GROUP_SIZE,
+    QUANT_MAX_ROWS,
+    Int4Linear,
+    Int8Linear,
+    parse_quantization,
+    quantize_linear,
+    weight_bytes_per_token,
 )
 
 LAYERS = {"int8": Int8Linear, "int4": Int4Linear}
@@ -42,7 +48,7 @@ def int8_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 def native_int4_reference(x: torch.Tensor, layer: Int4Linear) -> torch.Tensor:
-    """engine/csrc/quant_mm.cpp's int4 arithmetic in float64: int8 activations (`int8_activations`) times
+    """engine/model/csrc/quant_mm.cpp's int4 arithmetic in float64: int8 activations (`int8_activations`) times
     the centred weights (q - 8) s, plus each group's zero z times the exact sum of its activations."""
     m, k = x.reshape(-1, x.shape[-1]).shape
     rounded = int8_activations(x).view(m, k // INT4_GROUP_SIZE, INT4_GROUP_SIZE)

@@ -15,7 +15,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from engine import head_stats
+from engine.capture import head_stats
 from engine.inspect import report
 from engine.inspect.cli import check_spans, main, span_arg
 from engine.inspect.dump import AttentionDump, TopKRows

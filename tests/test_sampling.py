@@ -5,11 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.sampling import (Sampler, apply_min_p, apply_penalties, apply_temperature, apply_top_k_top_p,
-                             make_generator, process_logits)
-from engine.sampling_params import SamplingParams
-from engine.errors import RequestError
-from engine.stop import StopChecker
+from engine.core.errors import RequestError
+from engine.sampling.params import SamplingParams
+from engine.sampling.sampler import (
+    Sampler,
+    apply_min_p,
+    apply_penalties,
+    apply_temperature,
+    apply_top_k_top_p,
+    make_generator,
+    process_logits,
+)
+from engine.sampling.stop import StopChecker
 
 V = 50
 
@@ -230,7 +237,7 @@ def test_top_p_large_vocab_candidate_and_fallback_paths_match_transformers(monke
     distribution takes the candidate path, a flat one falls back to the full sort."""
     from transformers.generation.logits_process import TopPLogitsWarper
 
-    from engine.sampling import TOP_P_CANDIDATES
+    from engine.sampling.sampler import TOP_P_CANDIDATES
 
     v = 4 * TOP_P_CANDIDATES
     g = torch.Generator().manual_seed(4)
@@ -571,7 +578,7 @@ def test_logit_bias_moves_the_raw_logits():
 def test_top_logprobs_ties_go_to_the_lower_id_whatever_the_batch():
     """torch.topk orders equal values as its kernel likes, which moves with the batch size; bfloat16 logits
     tie often, and a row's alternatives must not depend on its neighbours (batch invariance)."""
-    from engine.sampling import top_logprobs
+    from engine.sampling.sampler import top_logprobs
 
     row = torch.full((1, 300), -5.0)
     row[0, [250, 40, 7, 199]] = torch.tensor([1.0, 0.5, 0.5, 0.5])  # three tie for second place

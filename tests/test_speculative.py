@@ -1,4 +1,4 @@
-"""Speculative decoding with n-gram drafts (engine/speculative.py): the drafts, the back-off, and the rule that
+"""Speculative decoding with n-gram drafts (engine/sampling/speculative.py): the drafts, the back-off, and the rule that
 matters — a greedy or seeded request gives bitwise the same tokens and logprobs with and without speculation,
 alone or batched with others, chunked, preempted or on prefix-cache hits, with penalties, min_tokens, stop
 strings and max_tokens, and every KV block comes back."""
@@ -10,11 +10,10 @@ import random
 
 import pytest
 
-from engine import LLM, AttentionCapture, SamplingParams
-from engine.speculative import BACKOFF_PAUSE, DraftState, NgramIndex, SpeculativeConfig
-from engine.structured import StructuredOutput
-
 from checkpoints import make_checkpoint
+from engine import LLM, AttentionCapture, SamplingParams
+from engine.sampling.speculative import BACKOFF_PAUSE, DraftState, NgramIndex, SpeculativeConfig
+from engine.text.structured import StructuredOutput
 
 BLOCK = 16
 
@@ -222,9 +221,10 @@ PASSAGE = ("The paged KV cache stores keys and values in fixed-size blocks. Each
 
 
 def test_server_streams_the_same_text_and_counts_drafts(smollm2_dir, smollm2_llm):
-    from live_server import LiveServer
-    from server import ServerSettings, create_app
     import httpx
+    from live_server import LiveServer
+
+    from server import ServerSettings, create_app
 
     messages = [{"role": "user", "content": f"Repeat this passage exactly:\n\n{PASSAGE}"}]
     params = SamplingParams(temperature=0.0, max_tokens=64)

@@ -1,4 +1,4 @@
-"""Structured outputs (engine/structured.py): JSON constrained by llguidance, from the sampler's masks to
+"""Structured outputs (engine/text/structured.py): JSON constrained by llguidance, from the sampler's masks to
 `response_format` over HTTP. The tiny models have random weights, so their unconstrained output is byte
 garbage: whatever JSON comes out is the constraint's doing."""
 
@@ -10,14 +10,13 @@ import math
 import httpx
 import pytest
 import torch
+from live_server import LiveServer
 
 from checkpoints import make_checkpoint
 from engine import LLM, RequestError, SamplingParams
-from engine.sampling import Sampler, make_generator
-from engine.structured import GrammarCompiler, GrammarError, StructuredOutput, TokenMasks, apply_masks
-from live_server import LiveServer
+from engine.sampling.sampler import Sampler, make_generator
+from engine.text.structured import GrammarCompiler, GrammarError, StructuredOutput, TokenMasks, apply_masks
 from server import ServerSettings, create_app
-
 
 # Bounded strings, numbers and arrays, so that even a random model finishes the object in ~60-90 tokens.
 SCHEMA = {

@@ -1,4 +1,4 @@
-"""Tensor parallelism (engine/parallel) on tiny checkpoints: 2 gloo ranks on this CPU give the greedy tokens of
+"""Tensor parallelism (engine/exec) on tiny checkpoints: 2 gloo ranks on this CPU give the greedy tokens of
 one rank in float32, capture the same attention, and hold half the cache each. More in test_tensor_parallel_ranks.py.
 
 Every multi-rank LLM starts real processes (a few seconds), so each configuration is built once per module; one
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from engine import LLM
-from engine.capture import AttentionCapture, Span
-from engine.sampling_params import SamplingParams
+from engine.capture.capture import AttentionCapture, Span
+from engine.sampling.params import SamplingParams
 
 pytest.importorskip("transformers")
 from test_model import build_tiny  # noqa: E402 - tiny checkpoints with random norms and biases

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from engine import LLM
-from engine.errors import EngineDeadError
-from engine.sampling_params import SamplingParams
+from engine.core.errors import EngineDeadError
+from engine.sampling.params import SamplingParams
 
 pytest.importorskip("transformers")
 from test_model import build_tiny  # noqa: E402

@@ -1,4 +1,4 @@
-"""engine.tokenizer against transformers' AutoTokenizer (the oracle) on tokenizers trained here, in seconds.
+"""engine.text.tokenizer against transformers' AutoTokenizer (the oracle) on tokenizers trained here, in seconds.
 
 Every fixture builds its model directory from scratch, so the file needs no downloads. transformers is only
 imported by the tests: the engine must not depend on it.
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.errors import CheckpointError
-from engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from engine.core.errors import CheckpointError
+from engine.text.tokenizer import IncrementalDetokenizer, Tokenizer
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")

@@ -1,4 +1,4 @@
-"""Validation in one place (engine/validation.py) and failure isolation in `LLMEngine.step`:
+"""Validation in one place (engine/api/validation.py) and failure isolation in `LLMEngine.step`:
 hostile values are refused when a request is made, naming the field, and a request that still fails
 in a step ends alone while the rest of its batch goes on unchanged."""
 
@@ -10,9 +10,9 @@ import pytest
 
 from checkpoints import make_checkpoint
 from engine import LLM, SamplingParams
-from engine.errors import CacheFullError, RequestError, RequestTooLargeError
-from engine.validation import ContextLimits, resolve_max_tokens
-from engine.checks import check_float, check_messages, check_text
+from engine.api.validation import ContextLimits, resolve_max_tokens
+from engine.core.checks import check_float, check_messages, check_text
+from engine.core.errors import CacheFullError, RequestError, RequestTooLargeError
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +179,7 @@ def test_a_failing_request_ends_alone_and_the_batch_goes_on(llm, monkeypatch):
 
 
 def test_a_failure_in_one_requests_bookkeeping_ends_only_it(llm, monkeypatch):
-    from engine.tokenizer import IncrementalDetokenizer
+    from engine.text.tokenizer import IncrementalDetokenizer
 
     real_add = IncrementalDetokenizer.add
 
@@ -219,7 +219,7 @@ def test_a_waiting_request_counts_one_prefix_lookup(llm):
 
 
 def test_the_servers_chat_roles_are_the_engines():
-    from engine.checks import CHAT_ROLES
+    from engine.core.checks import CHAT_ROLES
     from server.protocol import CHAT_ROLES as SERVER_ROLES
 
     assert SERVER_ROLES == CHAT_ROLES

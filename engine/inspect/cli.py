@@ -12,7 +12,6 @@ from collections import Counter
 from pathlib import Path
 
 
-
 def add_subcommands(subparsers) -> None:
     """Register this feature's subcommands."""
     a = subparsers.add_parser(
@@ -126,8 +125,8 @@ def run_attn(args: argparse.Namespace) -> int:
 
 
 def _record(args: argparse.Namespace):
-    from engine.capture import AttentionCapture
-    from engine.llm import LLM
+    from engine.api.llm import LLM
+    from engine.capture.capture import AttentionCapture
 
     if args.max_tokens < 0:
         raise ValueError(f"--max-tokens must be >= 0, got {args.max_tokens}")
@@ -159,7 +158,7 @@ def _record(args: argparse.Namespace):
 
 
 def _print_summary(dump, thresholds) -> None:
-    from engine.head_stats import label_heads, top_heads
+    from engine.capture.head_stats import label_heads, top_heads
 
     stats = dump.stats if dump.stats is not None else dump.recompute_stats()
     labels = label_heads(stats, thresholds)

@@ -13,7 +13,7 @@ One file holds the tensors below plus a JSON header in the safetensors metadata 
     topk_positions   int32   [L, H, S, k]   mode "topk": the k largest per row (-1 pads rows shorter than k)
     topk_values      float16 [L, H, S, k]
     topk_leftover    float32 [L, H, S]      1 - sum(topk_values), so each row sums to 1 exactly in float32
-    stats.<name>                            the accumulators of `engine.head_stats.HeadStats.state()` (from the
+    stats.<name>                            the accumulators of `engine.capture.head_stats.HeadStats.state()` (from the
                                             float32 rows); version 1 files held stats_mass/total/spread instead,
                                             and their statistics are recomputed from the rows on loading
 """
@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.head_stats import SCORES, HeadStats, separator_mask_from_texts
-from engine.outputs import AttentionRows
+from engine.capture.head_stats import SCORES, HeadStats, separator_mask_from_texts
+from engine.core.outputs import AttentionRows
 
 FORMAT = "kvmini.attention"
 VERSION = 2

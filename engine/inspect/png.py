@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.capture.head_stats import top_heads
 from engine.inspect.dump import AttentionDump
-from engine.head_stats import top_heads
 
 MISSING = ("--png needs matplotlib, the optional 'plot' extra: `make setup` installs it in a checkout; "
            "elsewhere pip install 'kvmini[plot]' (or pip install matplotlib)")

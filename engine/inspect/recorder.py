@@ -1,6 +1,6 @@
 """Recording a decoding run: Steps (or a Session's attention log) in, an `AttentionDump` out.
 
-The recorder updates the head statistics (engine/head_stats.py) as each row arrives, from the float32 rows
+The recorder updates the head statistics (engine/capture/head_stats.py) as each row arrives, from the float32 rows
 before they are rounded to float16 for storage, so statistics never need every row in memory.
 """
 
@@ -13,15 +13,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from engine.head_stats import HeadStats, separator_token_mask
+from engine.capture.head_stats import HeadStats, separator_token_mask
+from engine.core.outputs import AttentionRows
 from engine.inspect.dump import VALUE_DTYPE, AttentionDump, TopKRows, save_dump
-from engine.outputs import AttentionRows
 
 if TYPE_CHECKING:  # only for annotations
-    from engine.capture import AttentionCapture
-    from engine.llm import LLM
-    from engine.session import Session, Step
-    from engine.tokenizer import Tokenizer
+    from engine.api.llm import LLM
+    from engine.api.session import Session, Step
+    from engine.capture.capture import AttentionCapture
+    from engine.text.tokenizer import Tokenizer
 
 
 @dataclass

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.capture.head_stats import LABELS, Thresholds, label_heads, top_heads
+from engine.capture.head_stats import SCORE_TITLES as STATS_SCORE_TITLES
 from engine.inspect.dump import AttentionDump
-
-from engine.head_stats import LABELS, SCORE_TITLES as STATS_SCORE_TITLES, Thresholds, label_heads, top_heads
 
 # Fixed colours for the labels we know; any other label gets one from its name (`label_colour`).
 LABEL_COLOURS = {

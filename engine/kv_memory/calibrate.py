@@ -1,14 +1,14 @@
 """Head-plan calibration: label every head on a text and keep a full KV cache for the heads whose labels read far
-back (engine/head_plan.py holds the plan and what it does to the pools)."""
+back (engine/cache/head_plan.py holds the plan and what it does to the pools)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from engine.capture import AttentionCapture
-from engine.head_plan import DEFAULT_KEEP_LABELS, HeadPlan
-from engine.head_stats import label_heads
-from engine.llm import LLM
+from engine.api.llm import LLM
+from engine.cache.head_plan import DEFAULT_KEEP_LABELS, HeadPlan
+from engine.capture.capture import AttentionCapture
+from engine.capture.head_stats import label_heads
 
 
 def calibrate(llm: LLM, token_ids: Sequence[int], keep_labels: Sequence[str] = DEFAULT_KEEP_LABELS) -> HeadPlan:

@@ -6,8 +6,8 @@ import argparse
 import re
 from pathlib import Path
 
-from engine.head_plan import DEFAULT_KEEP_LABELS
-from engine.kv_quant import KV_CACHE_DTYPES
+from engine.cache.head_plan import DEFAULT_KEEP_LABELS
+from engine.cache.kv_quant import KV_CACHE_DTYPES
 
 DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
@@ -80,7 +80,7 @@ def parse_size(text: str) -> int:
 
 
 def run_kv_heads(args: argparse.Namespace) -> int:
-    from engine.config import ModelConfig
+    from engine.core.config import ModelConfig
     from engine.kv_memory.variants import convert_kv_heads, variant_config, variant_name
 
     before = ModelConfig.from_dir(args.model)
@@ -92,10 +92,10 @@ def run_kv_heads(args: argparse.Namespace) -> int:
 
 
 def run_kv_memory(args: argparse.Namespace) -> int:
+    from engine.api.llm import parse_dtype
+    from engine.exec.shard import check_tensor_parallel
     from engine.kv_memory.sizing import size
     from engine.kv_memory.variants import divisors, variant_config, variant_name
-    from engine.llm import parse_dtype
-    from engine.parallel.shard import check_tensor_parallel
 
     config, source = _config(args)
     if args.context < 1 or args.block_size < 1:
@@ -141,10 +141,10 @@ def run_kv_memory(args: argparse.Namespace) -> int:
 
 
 def run_head_plan(args: argparse.Namespace) -> int:
+    from engine.api.llm import LLM
+    from engine.capture.head_stats import LABELS
     from engine.kv_memory.calibrate import calibrate
-    from engine.head_stats import LABELS
     from engine.kv_memory.quality import english_text
-    from engine.llm import LLM
 
     keep = tuple(k.strip() for k in args.keep.split(",") if k.strip())
     if not keep or any(k not in LABELS for k in keep):
@@ -167,8 +167,8 @@ def run_head_plan(args: argparse.Namespace) -> int:
 def rank_share(config, ranks: int, dtype, args: argparse.Namespace):
     """The model one of `ranks` tensor-parallel ranks holds, and its share of the budget: the blocks the whole
     budget buys (as `LLM` counts them), of this rank's heads."""
+    from engine.exec.shard import rank_config
     from engine.kv_memory.sizing import token_bytes
-    from engine.parallel.shard import rank_config
 
     if ranks == 1:
         return config, args.budget
@@ -189,9 +189,9 @@ def _notes(row, context: int) -> set[str]:
 
 
 def _config(args: argparse.Namespace):
-    from engine.config import ModelConfig
+    from engine.core.config import ModelConfig
+    from engine.core.paths import require_default_model
     from engine.kv_memory.sizing import synthetic_config
-    from engine.paths import require_default_model
 
     shape = (args.layers, args.heads, args.head_dim)
     if any(v is not None for v in shape):

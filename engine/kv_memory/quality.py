@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.llm import LLM
-from engine.sampling_params import SamplingParams
+from engine.api.llm import LLM
+from engine.sampling.params import SamplingParams
 
 
 def english_text() -> str:

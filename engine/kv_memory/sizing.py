@@ -1,7 +1,7 @@
 """KV-cache memory: the formula, and the same quantities measured on real allocations and the real scheduler.
 
 Theory: one token costs `2 (K and V) x layers x kv_heads x head_dim x bytes per value` (the dtype's bytes; with
-an 8-bit `kv_cache_dtype`, 1 plus a 2-byte scale per head: `engine.kv_pools.kv_bytes_per_token`); a sequence holds whole
+an 8-bit `kv_cache_dtype`, 1 plus a 2-byte scale per head: `engine.cache.pools.kv_bytes_per_token`); a sequence holds whole
 blocks, so `ceil(context / block_size)` of them; a budget of B bytes is `B // bytes_per_block` blocks.
 
 Measurement never trusts that formula:
@@ -22,16 +22,16 @@ from pathlib import Path
 
 import torch
 
-from engine.config import ModelConfig
-from engine.engine import LLMEngine
-from engine.errors import CacheFullError
-from engine.kv_cache import BlockManager, BlockTable
-from engine.kv_pools import CacheConfig, KVCache, kv_bytes_per_token
+from engine.api.engine import LLMEngine
+from engine.cache.blocks import BlockManager, BlockTable
+from engine.cache.kv_policy import KVPolicy
+from engine.cache.pools import CacheConfig, KVCache, kv_bytes_per_token
+from engine.core.config import ModelConfig
+from engine.core.errors import CacheFullError
+from engine.exec.runner import ModelRunner
 from engine.kv_memory.variants import variant_name
-from engine.kv_policy import KVPolicy
-from engine.runner import ModelRunner
-from engine.sampling_params import SamplingParams
-from engine.scheduler import SchedulerConfig
+from engine.sampling.params import SamplingParams
+from engine.sched.scheduler import SchedulerConfig
 
 UNLIMITED = 2**62  # scheduler limits (sequences, batched tokens) that must never be what stops admission
 
@@ -143,7 +143,7 @@ def read_rss() -> int:
 # Run in a fresh interpreter: VmRSS before and after allocating the pool (torch.zeros writes every page).
 _RSS_SCRIPT = """
 import json, sys, torch
-from engine.config import ModelConfig
+from engine.core.config import ModelConfig
 from engine.kv_memory.sizing import allocate, read_rss
 config, dtype, block_size, num_blocks, kv_cache_dtype = json.loads(sys.argv[1])
 config = ModelConfig.from_dict(config)
@@ -248,7 +248,7 @@ class SizingRow:
     budget: int = 0
     max_seqs_formula: dict[int, int] = field(default_factory=dict)  # context -> sequences at `budget`
     max_seqs_admitted: dict[int, int] = field(default_factory=dict)
-    kv_cache_dtype: str = "auto"  # "auto": the dtype above; else the 8-bit cache (engine/kv_quant.py)
+    kv_cache_dtype: str = "auto"  # "auto": the dtype above; else the 8-bit cache (engine/cache/kv_quant.py)
 
     @property
     def exact(self) -> bool:

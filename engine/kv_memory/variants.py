@@ -18,8 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from engine.checkpoint import INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, weight_files
-from engine.config import ModelConfig
+from engine.core.config import ModelConfig
+from engine.model.checkpoint import INDEX_FILE, PICKLE_SUFFIXES, SINGLE_FILE, weight_files
 
 KV_PROJECTIONS = tuple(f"self_attn.{p}_proj.{t}" for p in "kv" for t in ("weight", "bias"))
 

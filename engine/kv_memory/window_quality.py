@@ -1,4 +1,4 @@
-"""What sink + window eviction (engine/kv_policy.py) costs in quality: perplexity and greedy agreement.
+"""What sink + window eviction (engine/cache/kv_policy.py) costs in quality: perplexity and greedy agreement.
 
 Perplexity: the text's first `prefill` tokens are prefilled (full attention, as every request's prompt), then
 each next token is fed alone through a session, so every scored token is predicted by one decode step that
@@ -17,10 +17,10 @@ import math
 import time
 from dataclasses import dataclass
 
+from engine.api.llm import LLM
+from engine.cache.kv_policy import KVPolicy
 from engine.kv_memory.quality import agreement
-from engine.kv_policy import KVPolicy
-from engine.llm import LLM
-from engine.sampling_params import SamplingParams
+from engine.sampling.params import SamplingParams
 
 
 @dataclass(frozen=True)
