@@ -22,15 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import (  # noqa: E402
-    DEFAULT_MODEL,
-    english_text,
-    load_average,
-    machine,
-    print_table,
-    us_per_call,
-    write_json,
-)
+from bench.common import DEFAULT_MODEL, english_text, load_average, machine, print_table, us_per_call, write_json  # noqa: E402
 
 SHAPES = {"qkv 576->960": (576, 960), "gate_up 576->3072": (576, 3072), "down 1536->576": (1536, 576),
           "head 576->49152": (576, 49152)}  # (in, out)

@@ -23,15 +23,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import (  # noqa: E402
-    DEFAULT_MODEL,
-    english_text,
-    load_average,
-    machine,
-    print_table,
-    token_times,
-    write_json,
-)
+from bench.common import DEFAULT_MODEL, english_text, load_average, machine, print_table, token_times, write_json  # noqa: E402
 from engine.cli import DEFAULT_DTYPE, DEFAULT_QUANTIZATION  # noqa: E402
 
 

@@ -3,7 +3,7 @@
 from engine.api.llm import LLM
 from engine.api.session import Session, Step
 from engine.cache.kv_policy import KVPolicy
-from engine.capture.capture import AttentionCapture, Span, char_spans
+from engine.capture.request import AttentionCapture, Span, char_spans
 from engine.core.errors import CacheFullError, CheckpointError, EngineDeadError, RequestError, RequestTooLargeError
 from engine.core.outputs import AttentionRows, RequestOutput, SpanMasses, TokenLogprob
 from engine.sampling.params import SamplingParams

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.api.llm import LLM
-from engine.capture.capture import AttentionCapture
+from engine.capture.request import AttentionCapture
 from engine.core.errors import RequestError
 from engine.core.outputs import RequestOutput
 from engine.sampling.params import SamplingParams

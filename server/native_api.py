@@ -38,7 +38,7 @@ import uuid
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from engine.capture.head_stats import label_heads
+from engine.capture.head_labels import label_heads
 from engine.core.checks import check_text, check_token_ids
 from engine.core.outputs import AttentionRows, RequestOutput
 from server.engine_loop import EngineStepError, Submission

@@ -11,20 +11,12 @@ from dataclasses import dataclass, field
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from engine.capture.capture import token_char_offsets
+from engine.capture.request import token_char_offsets
 from engine.core.errors import RequestError
 from engine.core.outputs import RequestOutput, TokenLogprob
 from server.engine_loop import EngineStepError, Submission
 from server.errors import APIError, error_body
-from server.params import (
-    chat_prompt_ids,
-    check_model,
-    check_n,
-    max_tokens_for,
-    prompt_ids,
-    request_errors,
-    submissions,
-)
+from server.params import chat_prompt_ids, check_model, check_n, max_tokens_for, prompt_ids, request_errors, submissions
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.state import ServerState, server_state
 from server.streaming import SSE_DONE, SSE_KEEPALIVE, collect, finite, outputs, sse, stream_response

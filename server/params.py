@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from engine.api.llm import LLM
 from engine.api.validation import check_request, resolve_max_tokens
 from engine.cache.kv_policy import KVPolicy
-from engine.capture.capture import AttentionCapture, Span, char_span, token_char_offsets
+from engine.capture.request import AttentionCapture, Span, char_span, token_char_offsets
 from engine.core.checks import SEED_END, SEED_MIN, check_int, check_stop_limits, prompt_token_ids
 from engine.core.errors import RequestError
 from engine.sampling.params import SamplingParams

@@ -1,4 +1,4 @@
-"""engine/capture/capture.py: span masses, pre-softmax scores, value-weighted norms, character spans, capture that leaves
+"""engine/capture/sink.py: span masses, pre-softmax scores, value-weighted norms, character spans, capture that leaves
 the computation alone, and the module boundaries (no engine -> inspect import)."""
 
 from __future__ import annotations

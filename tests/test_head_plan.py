@@ -12,8 +12,8 @@ from checkpoints import make_checkpoint
 from engine import LLM, SamplingParams
 from engine.cache.head_plan import HeadPlan
 from engine.cache.kv_policy import KVPolicy
-from engine.capture.capture import AttentionCapture
-from engine.capture.head_stats import HeadLabel
+from engine.capture.head_labels import HeadLabel
+from engine.capture.request import AttentionCapture
 from engine.cli import main as kvmini
 from engine.core.errors import RequestError
 

@@ -12,16 +12,8 @@ import pytest
 import torch
 
 from engine import LLM, AttentionCapture
-from engine.capture.head_stats import (
-    LABELS,
-    SCORES,
-    HeadStats,
-    Thresholds,
-    is_separator_text,
-    label_heads,
-    separator_token_mask,
-    top_heads,
-)
+from engine.capture.head_labels import Thresholds, label_heads, top_heads
+from engine.capture.head_stats import LABELS, SCORES, HeadStats, is_separator_text, separator_token_mask
 from engine.inspect import load_dump, record_prompt, save_dump
 from tests.checkpoints import make_checkpoint, marked_embeddings, write_byte_tokenizer
 

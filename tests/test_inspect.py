@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from engine import LLM, AttentionCapture
+from engine.capture.head_labels import label_heads, top_heads
 from engine.inspect import Probe, dump_session, load_dump, record_prompt, run_probe, save_dump
 from engine.inspect.cli import index_list, main
 from engine.inspect.report import render_report
-from engine.inspect.stats import label_heads, top_heads
 from tests.browser import chromium
 from tests.checkpoints import make_checkpoint, marked_embeddings
 

@@ -12,7 +12,7 @@ from engine import LLM, SamplingParams
 from engine.cache.blocks import EVICTED, BlockManager, BlockTable
 from engine.cache.kv_policy import KVPolicy
 from engine.cache.pools import CacheConfig, KVCache
-from engine.capture.capture import AttentionCapture
+from engine.capture.request import AttentionCapture
 from engine.core.config import ModelConfig, RopeScaling
 from engine.core.errors import RequestError, RequestTooLargeError
 from engine.model.attention import SinkRotation, rotate_sink_keys

@@ -19,14 +19,7 @@ from engine.capture import head_stats
 from engine.inspect import report
 from engine.inspect.cli import check_spans, main, span_arg
 from engine.inspect.dump import AttentionDump, TopKRows
-from engine.inspect.report import (
-    LABEL_COLOURS,
-    label_abbrev,
-    label_colour,
-    legend_labels,
-    render_report,
-    span_masses,
-)
+from engine.inspect.report import LABEL_COLOURS, label_abbrev, label_colour, legend_labels, render_report, span_masses
 from tests.browser import chromium
 
 WORDS = "the quick brown fox jumps over lazy dog , . and then it sleeps under a big green tree while".split()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from engine import LLM
-from engine.capture.capture import AttentionCapture, Span
+from engine.capture.request import AttentionCapture, Span
 from engine.sampling.params import SamplingParams
 
 pytest.importorskip("transformers")

@@ -11,8 +11,9 @@ import torch
 
 from engine.api.validation import ContextLimits, check_request
 from engine.cache.kv_policy import KVPolicy
-from engine.capture.capture import AttentionCapture, CaptureSink, CaptureState, ValueNorms
 from engine.capture.head_stats import HeadStats, separator_token_mask
+from engine.capture.request import AttentionCapture
+from engine.capture.sink import CaptureSink, CaptureState, ValueNorms
 from engine.core.checks import prompt_token_ids
 from engine.core.config import ModelConfig
 from engine.core.errors import EngineDeadError, RequestError

@@ -16,7 +16,7 @@ from engine.cache.head_plan import HeadPlan
 from engine.cache.head_pools import head_aware_blocks
 from engine.cache.kv_policy import KVPolicy
 from engine.cache.pools import CacheConfig, kv_bytes_per_token
-from engine.capture.capture import AttentionCapture
+from engine.capture.request import AttentionCapture
 from engine.core.checks import check_length, check_messages, prompt_token_ids
 from engine.core.config import ModelConfig
 from engine.core.errors import RequestError

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.capture.capture import CaptureState
+from engine.capture.sink import CaptureState
 from engine.core.checks import check_length, check_token_ids
 from engine.core.errors import RequestError
 from engine.core.outputs import AttentionRows, TokenLogprob
@@ -119,7 +119,13 @@ class Session:
         """A copy that shares every cached block; the first write to a shared block copies it."""
         self._check_open(0)
         child = Session.__new__(Session)
-        child.__dict__ |= self.__dict__
+        # Shared with the parent: the engine's runner, pool, tokenizer and sequence ids, the parameters, and the
+        # sampler (unseeded draws go on from one stream). Its own: the sequence (its blocks shared copy-on-write),
+        # the detokenizer, the attention log.
+        child.runner, child.blocks, child.tokenizer = self.runner, self.blocks, self.tokenizer
+        child._seq_ids = self._seq_ids
+        child.max_model_len, child.params, child.sampler = self.max_model_len, self.params, self.sampler
+        child.closed = False
         capture = self.seq.capture.fork() if self.seq.capture is not None else None
         child.seq = Sequence(
             self._seq_ids.next(), list(self.seq.token_ids), self.seq.num_prompt_tokens, self.params, capture,
@@ -129,7 +135,7 @@ class Session:
         if self.seq.generator is not None:
             child.seq.generator = torch.Generator(self.runner.device).set_state(self.seq.generator.get_state())
         child._detok = child._new_detokenizer()
-        child.attention_log = list(self.attention_log)  # the copied __dict__ would share the parent's list
+        child.attention_log = list(self.attention_log)
         return child
 
     def rewind(self, n: int) -> None:

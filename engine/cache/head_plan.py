@@ -25,7 +25,7 @@ import torch
 from engine.core.config import ModelConfig
 
 if TYPE_CHECKING:
-    from engine.capture.head_stats import HeadLabel
+    from engine.capture.head_labels import HeadLabel
 
 # Labels whose heads need keys outside a sink and a window: they point at an earlier occurrence (induction,
 # copying, duplicate), reach far (long-range) or attend to separators anywhere (syntax). Diffuse and mixed heads

@@ -95,7 +95,7 @@ class RequestOutput:
     all_token_ids: list[int] = field(default_factory=list, repr=False)  # the sequence's list (prompt + output)
     error: str | None = None  # with finish_reason "error": what failed (the request alone was ended)
     # With AttentionCapture(head_stats=True): engine.capture.head_stats.HeadStats over every captured row so far
-    # (the same object on every output of the request; label it with engine.capture.head_stats.label_heads).
+    # (the same object on every output of the request; label it with engine.capture.head_labels.label_heads).
     head_stats: object | None = field(default=None, repr=False)
     # With AttentionCapture(head_stats_every=n): a copy of head_stats on every n-th generated token (the live
     # object above changes as the request goes on; this one does not).

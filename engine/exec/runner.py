@@ -10,7 +10,7 @@ import torch
 from engine.cache.blocks import EVICTED, BlockManager, BlockTable
 from engine.cache.kv_policy import KVPolicy
 from engine.cache.pools import KVCache
-from engine.capture.capture import CaptureSink
+from engine.capture.sink import CaptureSink
 from engine.core.config import ModelConfig
 from engine.exec.step import LocalExecutor, StepInputs
 from engine.model.attention import (

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.cache.pools import KVCache
-from engine.capture.capture import CaptureSink
+from engine.capture.sink import CaptureSink
 from engine.model.attention import AttentionMetadata
 from engine.model.compiled import CompiledDecoder, DecodeRows
 from engine.model.invariance import RowPlan

@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields, is_dataclass
 
 import torch
 
-from engine.capture.capture import CaptureSink, ValueNorms
+from engine.capture.sink import CaptureSink, ValueNorms
 from engine.core.comm import TensorParallel
 from engine.exec.step import StepInputs
 from engine.model.llama import LlamaModel

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from engine.cache.pools import KVCache
-from engine.capture.capture import CaptureSink
+from engine.capture.sink import CaptureSink
 from engine.core.comm import (
     LOAD_TIMEOUT,
     RANK0_TIMEOUT,

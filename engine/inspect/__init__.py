@@ -11,10 +11,11 @@
 Nothing here imports transformers or matplotlib at import time. See docs/ATTENTION.md.
 """
 
+from engine.capture.head_labels import HeadLabel, Thresholds, label_heads, top_heads
+from engine.capture.head_stats import HeadStats
 from engine.inspect.dump import AttentionDump, TopKRows, load_dump, save_dump
 from engine.inspect.probe import Probe, run_probe
 from engine.inspect.recorder import Recorder, dump_session, record_prompt
-from engine.inspect.stats import HeadLabel, HeadStats, Thresholds, label_heads, top_heads
 
 __all__ = [
     "AttentionDump",

@@ -91,8 +91,8 @@ def check_spans(spans: list[dict] | None, prompt_len: int) -> list[dict]:
 
 
 def run_attn(args: argparse.Namespace) -> int:
+    from engine.capture.head_labels import Thresholds
     from engine.inspect.dump import load_dump, save_dump
-    from engine.inspect.stats import Thresholds
 
     thresholds = Thresholds(args.threshold, args.diffuse)  # checked before any model work
     if args.png is not None:
@@ -126,7 +126,7 @@ def run_attn(args: argparse.Namespace) -> int:
 
 def _record(args: argparse.Namespace):
     from engine.api.llm import LLM
-    from engine.capture.capture import AttentionCapture
+    from engine.capture.request import AttentionCapture
 
     if args.max_tokens < 0:
         raise ValueError(f"--max-tokens must be >= 0, got {args.max_tokens}")
@@ -158,7 +158,7 @@ def _record(args: argparse.Namespace):
 
 
 def _print_summary(dump, thresholds) -> None:
-    from engine.capture.head_stats import label_heads, top_heads
+    from engine.capture.head_labels import label_heads, top_heads
 
     stats = dump.stats if dump.stats is not None else dump.recompute_stats()
     labels = label_heads(stats, thresholds)

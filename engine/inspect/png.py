@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.capture.head_stats import top_heads
+from engine.capture.head_labels import top_heads
 from engine.inspect.dump import AttentionDump
 
 MISSING = ("--png needs matplotlib, the optional 'plot' extra: `make setup` installs it in a checkout; "

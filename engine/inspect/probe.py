@@ -17,7 +17,7 @@ from engine.inspect.recorder import record_prompt
 
 if TYPE_CHECKING:
     from engine.api.llm import LLM
-    from engine.capture.capture import AttentionCapture
+    from engine.capture.request import AttentionCapture
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ def run_probe(
 
     The rows are those of queries 0 .. 2k-1 (with BOS; the last forced token is never run as a query).
     """
-    from engine.capture.capture import AttentionCapture
+    from engine.capture.request import AttentionCapture
 
     ids = probe.token_ids(llm)
     info = {"source": "probe", "probe_length": probe.length, "probe_seed": probe.seed}

@@ -20,7 +20,7 @@ from engine.inspect.dump import VALUE_DTYPE, AttentionDump, TopKRows, save_dump
 if TYPE_CHECKING:  # only for annotations
     from engine.api.llm import LLM
     from engine.api.session import Session, Step
-    from engine.capture.capture import AttentionCapture
+    from engine.capture.request import AttentionCapture
     from engine.text.tokenizer import Tokenizer
 
 

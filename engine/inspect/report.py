@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.capture.head_stats import LABELS, Thresholds, label_heads, top_heads
+from engine.capture.head_labels import Thresholds, label_heads, top_heads
+from engine.capture.head_stats import LABELS
 from engine.capture.head_stats import SCORE_TITLES as STATS_SCORE_TITLES
 from engine.inspect.dump import AttentionDump
 

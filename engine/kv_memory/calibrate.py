@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 from engine.api.llm import LLM
 from engine.cache.head_plan import DEFAULT_KEEP_LABELS, HeadPlan
-from engine.capture.capture import AttentionCapture
-from engine.capture.head_stats import label_heads
+from engine.capture.head_labels import label_heads
+from engine.capture.request import AttentionCapture
 
 
 def calibrate(llm: LLM, token_ids: Sequence[int], keep_labels: Sequence[str] = DEFAULT_KEEP_LABELS) -> HeadPlan:

@@ -17,7 +17,7 @@ from engine.model.invariance import RowPlan
 
 if TYPE_CHECKING:
     from engine.cache.head_plan import HeadSplit
-    from engine.capture.capture import CaptureSink
+    from engine.capture.sink import CaptureSink
 
 
 @dataclass
@@ -255,7 +255,7 @@ def rotate_sink_keys(keys: torch.Tensor, rotation: SinkRotation) -> None:
 def _capture_decode(qg, keys, values, batch: DecodeBatch, layer: int, scale: float) -> None:
     """Hand the capturing sequences' query and keys of this layer to their sinks, beside the fused kernel's
     output (which stays the fast path for every row); the sink forms the rows of all its layers at once
-    after the forward pass (engine/capture/capture.py)."""
+    after the forward pass (engine/capture/sink.py)."""
     alone = len(batch.context_lens) == 1
     for i, sink in enumerate(batch.captures):
         if sink is not None and sink.wants(layer):

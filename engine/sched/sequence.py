@@ -10,7 +10,7 @@ import torch
 
 from engine.cache.blocks import BlockTable
 from engine.cache.kv_policy import KVPolicy
-from engine.capture.capture import CaptureState
+from engine.capture.sink import CaptureState
 from engine.core.outputs import TokenLogprob
 from engine.sampling.params import SamplingParams
 
