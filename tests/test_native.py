@@ -20,8 +20,8 @@ LAYERS = {"int8": Int8Linear, "int4": Int4Linear}
 # These exercise kvmini's kernels themselves; where they are off (no AVX2, no compiler, KVMINI_NATIVE=0) the
 # layers run PyTorch's kernels, which tests/test_quant.py covers, and the fallback test below still runs.
 needs_native = pytest.mark.skipif(not native_kernels().available,
-                                  reason=f"kvmini's int8/int4 kernels are off here ({native_kernels().reason})")
-
+                                  reason=f"kvmini's int8/int4 kernels are off here ({native_kernels().reason}); "
+                                         "the PyTorch kernels the layers use instead are tested by tests/test_quant.py")
 
 
 def layer_and_input(kind: str, n: int, k: int, rows: int, dtype: torch.dtype, seed: int = 0):

@@ -22,21 +22,24 @@ def kvmini_home() -> Path:
 
 def checkout_dir() -> Path | None:
     """The source checkout this package runs from (an editable install or `python -m`), or None (a wheel)."""
-    return _ROOT if (_ROOT / "pyproject.toml").is_file() and (_ROOT / "engine" / "core" / "paths.py").is_file() else None
+    is_checkout = (_ROOT / "pyproject.toml").is_file() and (_ROOT / "engine" / "core" / "paths.py").is_file()
+    return _ROOT if is_checkout else None
 
 
 def default_model_dir() -> Path:
     """The default model's HF-format directory: `weights/smollm2-135m-instruct` in a checkout, else
     `$KVMINI_HOME/models/smollm2-135m-instruct`. `kvmini convert --default` writes it there."""
     root = checkout_dir()
-    return root / "weights" / DEFAULT_MODEL_NAME if root is not None else kvmini_home() / "models" / DEFAULT_MODEL_NAME
+    return (root / "weights" if root is not None else kvmini_home() / "models") / DEFAULT_MODEL_NAME
 
 
 def require_default_model() -> Path:
     """`default_model_dir()`, or FileNotFoundError saying which command imports it."""
     path = default_model_dir()
     if not (path / "config.json").is_file():
-        how = "`make setup` (or `kvmini convert --default`)" if checkout_dir() is not None else "`kvmini convert --default`"
+        how = "`kvmini convert --default`"
+        if checkout_dir() is not None:
+            how = f"`make setup` (or {how})"
         raise FileNotFoundError(f"the default model is not imported yet: {how} writes it to {path} "
                                 "(or name a model directory)")
     return path

@@ -69,7 +69,48 @@ def weight_bytes_per_token(config: ModelConfig, quantization: str | None, dense_
     return linear // 2 + linear // INT4_GROUP_SIZE * 4 + head
 
 
-class Int8Linear(nn.Module):
+class QuantizedLinear(nn.Module):
+    """What the int8 and int4 layers share: up to QUANT_MAX_ROWS rows through their kernel (`row_fn`, each row
+    alone), more rows dense over the dequantized `weight`; subclasses hold the weights and the kernel."""
+
+    in_features: int
+    out_features: int
+    bias: torch.Tensor | None
+    invariant_rows = 1  # rows per kernel call with each row's result unchanged (engine/model/invariance.py)
+    row_check_limit = CHECKED_ROWS  # its time grows with every row: larger calls would gain nothing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, self.in_features)
+        if x2d.shape[0] > QUANT_MAX_ROWS:
+            return run_bucketed(self._dense, x)
+        return self.row_fn(x2d).view(*x.shape[:-1], self.out_features)
+
+    __call__ = forward  # hot path: skip nn.Module's hook dispatch (these layers take no hooks)
+
+    def row_fn(self, x2d: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def tile_fn(self, size: int):
+        """A prompt tile of `size` rows (engine/model/invariance.py): up to QUANT_MAX_ROWS rows through the kernel,
+        as decode rows go; a larger tile dense, over the weight dequantized once for all of a step's tiles and
+        padded to `size` rows (a dense product's rounding may depend on its row count)."""
+        if size <= QUANT_MAX_ROWS:
+            return self.row_fn, False
+        weight, bias = self.weight, self.bias
+        return (lambda x: F.linear(x, weight, bias)), True
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int8Linear(QuantizedLinear):
     """`y = x (q · s)^T + b` with int8 `q` `[out, in]` and one scale per output row.
 
     Its kernel is kvmini's own where it can be built and `in` is a multiple of 32 (`engine.model.native`):
@@ -87,17 +128,6 @@ class Int8Linear(nn.Module):
         native = native_kernels().available and self.in_features % INT4_GROUP_SIZE == 0
         self.kernel = "native" if native else "torch"
 
-    invariant_rows = 1  # rows per kernel call with each row's result unchanged (engine/model/invariance.py)
-    row_check_limit = CHECKED_ROWS  # its time grows with every row: larger calls would gain nothing
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2d = x.reshape(-1, self.in_features)
-        if x2d.shape[0] > QUANT_MAX_ROWS:
-            return run_bucketed(self._dense, x)
-        return self.row_fn(x2d).view(*x.shape[:-1], self.out_features)
-
-    __call__ = forward  # hot path: skip nn.Module's hook dispatch (these layers take no hooks)
-
     def row_fn(self, x2d: torch.Tensor) -> torch.Tensor:
         """The kernel at any row count (it streams the int8 weight once per row)."""
         if self.kernel == "native":
@@ -106,22 +136,13 @@ class Int8Linear(nn.Module):
             y = torch.ops.aten._weight_int8pack_mm(x2d, self.qweight, self.scales)
         return y if self.bias is None else y + self.bias
 
-    def tile_fn(self, size: int):
-        return _quantized_tile_fn(self, size)
-
-    def _dense(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
-
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight the kernel multiplies by (for tests and inspection)."""
         return self.qweight.to(self.scales.dtype) * self.scales.unsqueeze(1)
 
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
-
-class Int4Linear(nn.Module):
+class Int4Linear(QuantizedLinear):
     """`y = x W^T + b` with W as 4-bit codes, a scale and a zero per 32 weights of each row.
 
     Its kernel is kvmini's own where it can be built (`engine.model.native`): activations rounded to int8 per
@@ -151,29 +172,12 @@ class Int4Linear(nn.Module):
             self.scales_and_zeros = self.scales_zeros.transpose(0, 1).contiguous()
         self.bias = None if bias is None else bias.detach().to(act_dtype).contiguous()
 
-    invariant_rows = 1  # rows per kernel call with each row's result unchanged (engine/model/invariance.py)
-    row_check_limit = CHECKED_ROWS  # its time grows with every row: larger calls would gain nothing
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2d = x.reshape(-1, self.in_features)
-        if x2d.shape[0] > QUANT_MAX_ROWS:
-            return run_bucketed(self._dense, x)
-        return self.row_fn(x2d).view(*x.shape[:-1], self.out_features)
-
-    __call__ = forward
-
     def row_fn(self, x2d: torch.Tensor) -> torch.Tensor:
         if self.kernel == "native":
             y = torch.ops.kvmini_native.int4_linear(x2d, self.codes, self.scales_zeros)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.packed, INT4_GROUP_SIZE, self.scales_and_zeros)
         return y if self.bias is None else y + self.bias
-
-    def tile_fn(self, size: int):
-        return _quantized_tile_fn(self, size)
-
-    def _dense(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
 
     def grid_error(self, weight: torch.Tensor) -> float:
         """Mean |dequantized - weight| in units of each group's step: ~0 when `weight` was on a 4-bit grid."""
@@ -188,19 +192,6 @@ class Int4Linear(nn.Module):
         packed = self.codes.view(n, k // INT4_GROUP_SIZE, INT4_GROUP_SIZE // 2)
         codes = torch.cat((packed & 15, packed >> 4), dim=-1)
         return ((codes.to(self.scale.dtype) - 8) * self.scale + self.zero).view(n, k)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
-
-
-def _quantized_tile_fn(layer: "Int8Linear | Int4Linear", size: int):
-    """A prompt tile of `size` rows (engine/model/invariance.py): up to QUANT_MAX_ROWS rows through the kernel, as
-    decode rows go; a larger tile dense, over the weight dequantized once for all of a step's tiles and
-    padded to `size` rows (a dense product's rounding may depend on its row count)."""
-    if size <= QUANT_MAX_ROWS:
-        return layer.row_fn, False
-    weight, bias = layer.weight, layer.bias
-    return (lambda x: F.linear(x, weight, bias)), True
 
 
 def can_int4(shape: torch.Size | tuple[int, int]) -> bool:
