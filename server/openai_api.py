@@ -1,4 +1,4 @@
-"""OpenAI-compatible endpoints: /v1/completions, /v1/chat/completions, /v1/models."""
+"""OpenAI-compatible endpoints: /v1/completions, /v1/chat/completions (tool calls too), /v1/models."""
 
 from __future__ import annotations
 
@@ -14,12 +14,14 @@ from starlette.concurrency import run_in_threadpool
 from engine.capture.request import token_char_offsets
 from engine.core.errors import RequestError
 from engine.core.outputs import RequestOutput, TokenLogprob
+from engine.text.tool_calls import ArgumentsDelta, CallStarted, TextDelta, Tool
 from server.engine_loop import EngineStepError, Submission
 from server.errors import APIError, error_body
 from server.params import chat_prompt_ids, check_model, check_n, max_tokens_for, prompt_ids, request_errors, submissions
-from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.protocol import ChatCompletionRequest, CompletionRequest, NamedToolChoice
 from server.state import ServerState, server_state
 from server.streaming import SSE_DONE, SSE_KEEPALIVE, collect, finite, outputs, sse, stream_response
+from server.tools import CHAT_FIELDS, ToolRequest, call_json, finish_reason, tool_request
 
 router = APIRouter()
 
@@ -240,12 +242,29 @@ async def completions(body: CompletionRequest, request: Request):
 # ---- /v1/chat/completions ------------------------------------------------------------------------------
 
 
-def _chat_inputs(state: ServerState, body: ChatCompletionRequest) -> tuple[list[int], list[Submission], dict]:
+@dataclass
+class ChatInputs:
+    ids: list[int]
+    subs: list[Submission]
+    renames: dict[str, str]
+    tools: ToolRequest
+
+
+def chat_tool_request(state: ServerState, body: ChatCompletionRequest) -> ToolRequest:
+    tools = [Tool(t.function.name, t.function.parameters if t.function.parameters is not None
+                  else {"type": "object", "properties": {}}, t.function.description) for t in body.tools or []]
+    named = body.tool_choice.function.name if isinstance(body.tool_choice, NamedToolChoice) else None
+    choice = None if named is not None else body.tool_choice
+    return tool_request(state.llm, tools, choice, named, body.parallel_tool_calls, CHAT_FIELDS)
+
+
+def _chat_inputs(state: ServerState, body: ChatCompletionRequest) -> ChatInputs:
     check_model(body.model, state.model_name)
     check_n(body.n, state.settings)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-    ids = chat_prompt_ids(state.llm, body.messages)
+    tools = chat_tool_request(state, body)
+    ids = chat_prompt_ids(state.llm, body.messages, tools=tools.shown)
     mt_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = max_tokens_for(state.llm, len(ids), requested, prompt_param="messages", max_tokens_param=mt_param,
@@ -253,54 +272,87 @@ def _chat_inputs(state: ServerState, body: ChatCompletionRequest) -> tuple[list[
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     renames = {"max_tokens": mt_param, "logprobs": "top_logprobs", "prompt": "messages"}
     subs = submissions(state.llm, state.settings, body, ids, n=body.n, max_tokens=max_tokens, logprobs=logprobs,
-                       renames=renames)
-    return ids, subs, renames
+                       renames=renames, grammar=tools.grammar)
+    return ChatInputs(ids, subs, renames, tools)
+
+
+def _chat_message(c: Choice, tools: ToolRequest) -> dict:
+    """The reply as chat completions' `message`: its calls under `tool_calls` (a call the token limit cut
+    short is left out: only complete, valid calls reach the client)."""
+    parser = tools.parser()
+    if parser is None:
+        return {"role": "assistant", "content": c.text}
+    parser.feed(c.text)
+    parser.finish()
+    calls = [call_json(call) for call in parser.complete_calls]
+    if not calls:
+        return {"role": "assistant", "content": parser.content}
+    return {"role": "assistant", "content": parser.content or None, "tool_calls": calls}
+
+
+def _tool_deltas(events: list) -> list[dict]:
+    """A tool-call parser's events as chat-completion-chunk deltas (OpenAI's: a call's first delta has its
+    index, id, type and name; the next ones its arguments piece by piece)."""
+    deltas = []
+    for e in events:
+        if isinstance(e, TextDelta):
+            deltas.append({"content": e.text})
+        elif isinstance(e, CallStarted):
+            deltas.append({"tool_calls": [{"index": e.call.index, "id": e.call.id, "type": "function",
+                                           "function": {"name": e.call.name, "arguments": ""}}]})
+        elif isinstance(e, ArgumentsDelta) and e.text:
+            deltas.append({"tool_calls": [{"index": e.call.index, "function": {"arguments": e.text}}]})
+    return deltas
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = server_state(request)
     arrival = time.monotonic()
-    ids, subs, renames = await run_in_threadpool(_chat_inputs, state, body)
-    with request_errors(renames):
-        group = await state.loop().submit(subs, arrival)
+    inputs = await run_in_threadpool(_chat_inputs, state, body)
+    with request_errors(inputs.renames):
+        group = await state.loop().submit(inputs.subs, arrival)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     tok = _Tokens(state)
     choices = [Choice() for _ in range(body.n)]
+    tools, ids = inputs.tools, inputs.ids
 
     if not body.stream:
         await collect(group, request, lambda i, out: choices[i].add(out))
-        return {
-            "id": rid,
-            "object": "chat.completion",
-            "created": created,
-            "model": state.model_name,
-            "choices": [
-                {"index": i, "message": {"role": "assistant", "content": c.text},
-                 "logprobs": chat_logprobs(c.logprobs, tok) if body.logprobs else None,
-                 "finish_reason": c.finish_reason}
-                for i, c in enumerate(choices)
-            ],
-            "usage": _usage(len(ids), choices),
-        }
+        replies = []
+        for i, c in enumerate(choices):
+            message = _chat_message(c, tools)
+            reason = "tool_calls" if message.get("tool_calls") and c.finish_reason == "stop" else c.finish_reason
+            replies.append({"index": i, "message": message,
+                            "logprobs": chat_logprobs(c.logprobs, tok) if body.logprobs else None,
+                            "finish_reason": reason})
+        return {"id": rid, "object": "chat.completion", "created": created, "model": state.model_name,
+                "choices": replies, "usage": _usage(len(ids), choices)}
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name}
     extra = {"usage": None} if include_usage else {}
+    parsers = [tools.parser() for _ in range(body.n)]
 
     def make(i: int, delta: dict, logprobs=None, finish_reason=None) -> str:
         choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         return sse({**chunk, "choices": [choice], **extra})
 
     def on_output(i: int, out: RequestOutput) -> Iterator[str]:
-        c = choices[i]
+        c, parser = choices[i], parsers[i]
         n_before = len(c.logprobs)
         c.add(out)
-        lps = c.logprobs[n_before:]
-        if out.new_text or (body.logprobs and lps):
-            yield make(i, {"content": out.new_text}, chat_logprobs(lps, tok) if body.logprobs else None)
+        lps = chat_logprobs(c.logprobs[n_before:], tok) if body.logprobs and len(c.logprobs) > n_before else None
+        if parser is None:
+            deltas = [{"content": out.new_text}] if out.new_text or lps else []
+        else:
+            deltas = _tool_deltas(parser.feed(out.new_text) + (parser.finish() if out.finished else []))
+            if lps and not deltas:
+                deltas = [{"content": ""}]  # the logprobs of text held back (a call's tag in the making)
+        for k, delta in enumerate(deltas):
+            yield make(i, delta, lps if k == 0 else None)
         if out.finished:
-            yield make(i, {}, None, c.finish_reason)
+            yield make(i, {}, None, finish_reason(parser, c.finish_reason))
 
     roles = [make(i, {"role": "assistant", "content": ""}) for i in range(body.n)]
     usage = {**chunk, "choices": []} if include_usage else None

@@ -23,7 +23,7 @@ spans over every layer fit long ones.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from engine.api.llm import LLM
@@ -34,6 +34,7 @@ from engine.core.checks import SEED_END, SEED_MIN, check_int, check_stop_limits,
 from engine.core.errors import RequestError
 from engine.sampling.params import SamplingParams
 from engine.text.structured import StructuredOutput
+from engine.text.tool_calls import Tool, check_tool_messages, template_takes_tools, tool_chat_inputs
 from server.engine_loop import Submission
 from server.errors import APIError
 from server.protocol import AttentionRequest, ChatMessage, ResponseFormat, SamplingFields
@@ -74,9 +75,16 @@ def check_model(name: str | None, served: str) -> None:
                        param="model", code="model_not_found")
 
 
-def chat_prompt_ids(llm: LLM, messages: list[ChatMessage], param: str = "messages") -> list[int]:
+def chat_prompt_ids(llm: LLM, messages: list[ChatMessage], param: str = "messages",
+                    tools: Sequence[Tool] = ()) -> list[int]:
+    """The prompt of a conversation, showing `tools` to the model and the earlier calls and their results
+    as the checkpoint's template (or kvmini's default tool prompt) writes them: engine/text/tool_calls.py."""
+    dicts = [m.template_dict() for m in messages]
     with request_errors({"messages": param}):
-        return llm.chat_prompt([m.template_dict() for m in messages])
+        check_tool_messages(dicts, "messages")
+        chat, kwargs = tool_chat_inputs(dicts, tools,
+                                        template_has_tools=template_takes_tools(llm.tokenizer.chat_templates))
+        return llm.chat_prompt(chat, **kwargs)
 
 
 def prompt_ids(llm: LLM, prompt: str | list[int], param: str = "prompt") -> list[int]:
@@ -108,14 +116,15 @@ def _context_checked(check, *args, prompt_param: str, max_tokens_param: str, **o
 
 
 def sampling_params(body: SamplingFields, settings: ServerSettings, *, max_tokens: int, logprobs: int | None,
-                    seed: int | None, renames: dict[str, str] | None = None,
-                    prompt_logprobs: int | None = None) -> SamplingParams:
-    """`SamplingParams` from the body's sampling fields; a bad value becomes a 400 naming the field."""
+                    seed: int | None, renames: dict[str, str] | None = None, prompt_logprobs: int | None = None,
+                    grammar: StructuredOutput | None = None) -> SamplingParams:
+    """`SamplingParams` from the body's sampling fields; a bad value becomes a 400 naming the field.
+    `grammar`: the tool calls' (server/tools.py), in place of response_format's."""
     kwargs = {name: getattr(body, name) for name in SAMPLING_FIELDS if getattr(body, name) is not None}
     kwargs.update(max_tokens=max_tokens, logprobs=logprobs, seed=seed, prompt_logprobs=prompt_logprobs)
     if body.logit_bias:  # JSON object keys are strings; the schema has checked that they are digits
         kwargs["logit_bias"] = {int(token): bias for token, bias in body.logit_bias.items()}
-    kwargs["structured_output"] = structured_output(body.response_format)
+    kwargs["structured_output"] = grammar if grammar is not None else structured_output(body.response_format)
     with request_errors(renames):
         params = SamplingParams(**kwargs)
         check_stop_limits(params.stop, settings.max_stop_strings, settings.max_stop_length)
@@ -124,13 +133,17 @@ def sampling_params(body: SamplingFields, settings: ServerSettings, *, max_token
 
 def submissions(llm: LLM, settings: ServerSettings, body: SamplingFields, ids: list[int], *, n: int,
                 max_tokens: int, logprobs: int | None, renames: dict[str, str] | None = None,
-                capture: AttentionCapture | None = None, prompt_logprobs: int | None = None) -> list[Submission]:
+                capture: AttentionCapture | None = None, prompt_logprobs: int | None = None,
+                grammar: StructuredOutput | None = None) -> list[Submission]:
     """One engine request per choice, each checked against every rule the engine applies, so the
-    engine thread never sees a request it will refuse."""
+    engine thread never sees a request it will refuse. `grammar`: a tool-call grammar, compiled already."""
+    if grammar is not None and body.response_format is not None and body.response_format.type != "text":
+        raise APIError(400, "response_format cannot be combined with tool calls: send tool_choice \"none\" for "
+                            "a structured reply, or drop response_format", param="response_format")
     subs = []
     for seed in choice_seeds(body.seed, n):
         params = sampling_params(body, settings, max_tokens=max_tokens, logprobs=logprobs, seed=seed, renames=renames,
-                                 prompt_logprobs=prompt_logprobs)
+                                 prompt_logprobs=prompt_logprobs, grammar=grammar)
         names = renames or {}
         kv_policy = llm.engine.kv_policy_for(params)
         _context_checked(check_request, ids, params, llm.engine.limits, prompt_param=names.get("prompt", "prompt"),
@@ -138,7 +151,8 @@ def submissions(llm: LLM, settings: ServerSettings, body: SamplingFields, ids: l
         if capture is not None and kv_policy is not None:
             raise APIError(400, f"attention cannot be captured with kv_policy {kv_policy}: its keys are not all "
                                 "positions", param="kv_policy")
-        compile_grammar(llm, params.structured_output, body.response_format)
+        if grammar is None:
+            compile_grammar(llm, params.structured_output, body.response_format)
         subs.append(Submission(ids, params, capture))
     return subs
 

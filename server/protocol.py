@@ -20,6 +20,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Fiel
 from engine.cache.kv_policy import KV_POLICY_PATTERN
 from engine.core.checks import INT32_END, SEED_END, SEED_MIN
 from engine.sampling.params import MAX_LOGIT_BIAS, MAX_LOGIT_BIAS_ENTRIES, MAX_LOGPROBS
+from engine.text.tool_calls import MAX_TOOLS, TOOL_NAME_PATTERN
 
 
 def _whole_float_to_int(value: Any) -> Any:
@@ -92,12 +93,27 @@ class UserMessage(_Message):
     content: Content
 
 
+ToolName = Annotated[StrictStr, Field(pattern=f"^{TOOL_NAME_PATTERN.pattern}$")]
+
+
+class CalledFunction(_Body):
+    name: ToolName
+    arguments: StrictStr = Field(description="the arguments as JSON text (an object)")
+
+
+class AssistantToolCall(_Body):
+    id: Annotated[StrictStr, Field(min_length=1)]
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class AssistantMessage(_Message):
     """`content` may be absent or null (OpenAI allows that next to `tool_calls`); the chat template
     then gets `""`, which every template can render."""
 
     role: Literal["assistant"]
     content: Content | None = None
+    tool_calls: list[AssistantToolCall] | None = None
 
     def template_dict(self) -> dict:
         d = super().template_dict()
@@ -108,6 +124,7 @@ class AssistantMessage(_Message):
 class ToolMessage(_Message):
     role: Literal["tool"]
     content: Content
+    tool_call_id: StrictStr = Field(description="the id of the assistant's call this answers")
 
 
 MESSAGE_CLASSES = {
@@ -195,6 +212,39 @@ ResponseFormat = Annotated[
 ]
 
 
+# ---- tools ----------------------------------------------------------------------------------------------
+
+
+class FunctionDefinition(_Body):
+    name: ToolName
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = Field(
+        default=None, description="the JSON schema of the arguments (an object; one the engine cannot compile: 400); "
+                                  "omitted: no arguments")
+    strict: StrictBool | None = Field(default=None, description="accepted and changes nothing: the arguments always "
+                                                                "match the schema")
+
+
+class FunctionTool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ChosenFunction(_Body):
+    name: ToolName
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: ChosenFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+TOOL_CHOICE_DESCRIPTION = ("none: text only; auto (the default with tools): text, or text then calls; required: "
+                           "one call or more; a named function: calls of it alone. Every call is a declared "
+                           "function with arguments that match its schema")
+
+
 # ---- requests --------------------------------------------------------------------------------------------
 
 
@@ -273,12 +323,12 @@ class ChatCompletionRequest(SamplingFields):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
-    # Fields clients send by default. Accepted where they ask for nothing kvmini does not do; refused (400
-    # naming the field) where they do: tool calls, stored completions.
-    tools: Annotated[list[dict[str, Any]], Field(max_length=0)] | None = Field(
-        default=None, description="no tool calling: only an empty list is accepted")
-    tool_choice: Literal["none", "auto"] | None = None
-    parallel_tool_calls: StrictBool | None = None
+    tools: Annotated[list[FunctionTool], Field(max_length=MAX_TOOLS)] | None = Field(
+        default=None, description="functions the model may call (names unique)")
+    tool_choice: ToolChoice | None = Field(default=None, description=TOOL_CHOICE_DESCRIPTION)
+    parallel_tool_calls: StrictBool | None = Field(default=None, description="false: at most one call (default true)")
+    # Fields clients send by default, accepted where they ask for nothing kvmini does not do; refused (400
+    # naming the field) where they do: stored completions.
     store: Literal[False] | None = Field(default=None, description="completions are never stored")
     metadata: Annotated[dict[str, Annotated[StrictStr, Field(max_length=512)]], Field(max_length=16)] | None = None
 

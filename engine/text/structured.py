@@ -4,7 +4,8 @@ Built on llguidance (one of vLLM's and SGLang's structured-output backends, and 
 JSON schema compiles in about a millisecond and a next-token mask takes about 10 µs on the CPU
 (docs/PERFORMANCE.md measures it against xgrammar and outlines-core: `bench/structured.py`).
 
-* `StructuredOutput`  what a request asks for: `SamplingParams.structured_output`.
+* `StructuredOutput`  what a request asks for: `SamplingParams.structured_output` (JSON, any object or one that
+                      matches a schema, or a Lark grammar: tool calls, engine/text/tool_calls.py).
 * `GrammarCompiler`   one per engine: llguidance's view of the tokenizer, built on first use, and the compiled
                       grammars, cached by schema (a bounded LRU; thread-safe: the server compiles in a worker
                       thread, so that a bad schema is refused before the engine thread sees the request and
@@ -38,28 +39,43 @@ JSON_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separa
 GRAMMAR_CACHE_SIZE = 64  # compiled grammars kept per engine (a template matcher each: a few hundred KB at most)
 BITS = 32  # tokens per bitmask word
 MAX_ERROR_CHARS = 1000  # of llguidance's message in a RequestError (it can quote the parser's state)
+# JSON nesting (objects and arrays) a schema may have. llguidance refuses deeper schemas itself from ~500 levels,
+# but Python's json.dumps of the cache key fails first (RecursionError), so the depth is checked here, without
+# recursion. A schema of 50 nested objects is 100 levels.
+MAX_SCHEMA_DEPTH = 128
 
 
 @dataclass
 class StructuredOutput:
-    """What a request's output must be (the JSON part of vLLM's `StructuredOutputsParams`). Give exactly one:
+    """What a request's output must be (vLLM's `StructuredOutputsParams`, its JSON and grammar parts). Give
+    exactly one:
 
     json: a JSON schema, as a dict or as its JSON text; the output is JSON that matches it.
     json_object: True for any JSON object (OpenAI's `response_format: {"type": "json_object"}`).
+    grammar: a Lark grammar in llguidance's dialect (`%json {...}` embeds a schema, `rule[lazy]` ends at the
+             first match): what tool calls compile to (engine/text/tool_calls.py).
     """
 
     json: dict[str, Any] | str | None = None
     json_object: bool = False
+    grammar: str | None = None
     key: str = field(default="", init=False, repr=False, compare=False)  # the grammar cache's key
 
     def __post_init__(self) -> None:
         if not isinstance(self.json_object, bool):
             raise RequestError("structured_output.json_object", f"json_object must be a bool, "
                                                                 f"got {type(self.json_object).__name__}")
-        if (self.json is None) == (not self.json_object):
-            raise RequestError("structured_output", "give exactly one of json (a JSON schema) and json_object=True")
+        if [self.json is not None, self.json_object, self.grammar is not None].count(True) != 1:
+            raise RequestError("structured_output", "give exactly one of json (a JSON schema), json_object=True "
+                                                    "and grammar (a Lark grammar)")
         if self.json_object:
             self.key = "json_object"
+            return
+        if self.grammar is not None:
+            if not isinstance(self.grammar, str):
+                raise RequestError("structured_output.grammar", f"grammar must be a string, "
+                                                                f"got {type(self.grammar).__name__}")
+            self.key = "lark:" + self.grammar
             return
         if isinstance(self.json, str):
             try:
@@ -69,15 +85,28 @@ class StructuredOutput:
         if not isinstance(self.json, dict):
             raise RequestError("structured_output.json", f"the JSON schema must be a JSON object, "
                                                          f"got {type(self.json).__name__}")
+        check_schema_depth(self.json, "structured_output.json")
         try:
             self.key = json.dumps(self.json, sort_keys=True, separators=(",", ":"), allow_nan=False)
         except (TypeError, ValueError) as e:
             raise RequestError("structured_output.json", f"the JSON schema is not JSON: {e}") from None
 
     @property
-    def schema(self) -> dict[str, Any]:
-        """The JSON schema the output must match (json_object: any object)."""
+    def schema(self) -> dict[str, Any] | None:
+        """The JSON schema the output must match (json_object: any object; None for a grammar)."""
         return {"type": "object"} if self.json_object else self.json
+
+
+def check_schema_depth(schema: Any, param: str, limit: int = MAX_SCHEMA_DEPTH) -> None:
+    """RequestError naming `param` when `schema` nests objects and arrays deeper than `limit` (walked with a
+    stack, never recursion: a hostile schema cannot overflow it)."""
+    stack = [(schema, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            raise RequestError(param, f"the JSON schema nests deeper than {limit} levels (objects and arrays)")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
 
 
 class GrammarError(RuntimeError):
@@ -100,7 +129,7 @@ class GrammarMatcher:
         """Advance with the sampled token; GrammarError when the grammar refuses it (the mask allows only
         tokens it accepts, so this means the matcher failed)."""
         if not self._matcher.consume_token(token_id):
-            raise GrammarError(f"the JSON grammar refused token {token_id}: {self._matcher.get_error()}")
+            raise GrammarError(f"the grammar refused token {token_id}: {self._matcher.get_error()}")
 
     @property
     def is_finished(self) -> bool:
@@ -149,18 +178,25 @@ class GrammarCompiler:
     def _compile(self, spec: StructuredOutput) -> Any:
         import llguidance
 
-        param = "structured_output.json_object" if spec.json_object else "structured_output.json"
+        if spec.grammar is not None:
+            param, what = "structured_output.grammar", "invalid grammar"
+        else:
+            param = "structured_output.json_object" if spec.json_object else "structured_output.json"
+            what = "invalid JSON schema"
         try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(spec.schema, overrides=JSON_LAYOUT)
+            if spec.grammar is not None:
+                grammar = llguidance.grammar_from("lark", spec.grammar)
+            else:
+                grammar = llguidance.LLMatcher.grammar_from_json_schema(spec.schema, overrides=JSON_LAYOUT)
         except ValueError as e:
-            raise RequestError(param, f"invalid JSON schema: {str(e)[:MAX_ERROR_CHARS]}") from None
+            raise RequestError(param, f"{what}: {str(e)[:MAX_ERROR_CHARS]}") from None
         matcher = llguidance.LLMatcher(self.llg_tokenizer, grammar, log_level=0)
         # The first mask builds the lexer, and finds the errors construction leaves for it: a request
         # is refused here, never at a step.
         scratch = torch.empty(bitmask_words(self.vocab_size), dtype=torch.int32)
         GrammarMatcher(matcher, self.vocab_size).fill_bitmask(scratch)
         if matcher.is_error():
-            raise RequestError(param, f"invalid JSON schema: {matcher.get_error()[:MAX_ERROR_CHARS]}")
+            raise RequestError(param, f"{what}: {matcher.get_error()[:MAX_ERROR_CHARS]}")
         return matcher
 
     @property
