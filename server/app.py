@@ -1,6 +1,7 @@
 """`create_app(llm, settings)`: the FastAPI app. All state lives on `app.state.kvmini` (a `ServerState`).
 
-Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models[/{id}] (OpenAI-compatible),
+Routes: POST /v1/completions, POST /v1/chat/completions, POST /v1/responses, GET /v1/models[/{id}]
+(OpenAI-compatible),
 POST /generate, POST /tokenize, POST /detokenize (kvmini's own), GET /health, GET /metrics, and GET / (the
 live page, server/page.py).
 The engine loop (one background task driving `llm.engine` on one worker thread) runs for the
@@ -17,7 +18,7 @@ from fastapi.responses import PlainTextResponse
 from starlette.middleware.cors import CORSMiddleware
 
 from engine.api.llm import LLM
-from server import native_api, openai_api
+from server import native_api, openai_api, responses_api
 from server.engine_loop import EngineLoop
 from server.errors import APIError, install_handlers
 from server.metrics import Metrics
@@ -27,7 +28,7 @@ from server.page import install_page
 from server.settings import ServerSettings
 from server.state import ServerState, server_state
 
-GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/generate"})
+GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses", "/generate"})
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -69,6 +70,7 @@ def create_app(llm: LLM, settings: ServerSettings | None = None) -> FastAPI:
                            allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"],
                            expose_headers=["Retry-After"], max_age=600)
     app.include_router(openai_api.router)
+    app.include_router(responses_api.router)
     app.include_router(native_api.router)
 
     @app.get("/health")

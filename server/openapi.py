@@ -139,9 +139,22 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob]
 
 
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str = Field(description="JSON text of an object that matches the function's parameters")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: ToolCallFunction
+
+
 class ChatCompletionMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None = Field(description="null when the reply is tool calls alone")
+    tool_calls: list[ToolCall] | None = Field(default=None, description="complete calls of declared functions "
+                                                                        "(finish_reason tool_calls)")
 
 
 class ChatChoice(BaseModel):
@@ -160,9 +173,24 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class ToolCallDeltaFunction(BaseModel):
+    name: str | None = None
+    arguments: str
+
+
+class ToolCallDelta(BaseModel):
+    """A call's first delta has its id, type and name; the next ones pieces of its arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: ToolCallDeltaFunction
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -234,9 +262,58 @@ class Generation(GenerateFinalEvent):
     tokens: list[GenerateTokenEvent]
 
 
+class ResponseOutputItem(BaseModel):
+    """A `message` (role assistant, `content` of output_text parts) or a `function_call` (call_id, name,
+    arguments)."""
+
+    id: str
+    type: Literal["message", "function_call"]
+    status: Literal["in_progress", "completed", "incomplete"]
+    role: Literal["assistant"] | None = None
+    content: list[dict[str, Any]] | None = None
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    input_tokens_details: dict[str, int]
+    output_tokens: int
+    output_tokens_details: dict[str, int]
+    total_tokens: int
+
+
+class Response(BaseModel):
+    """OpenAI's Response object (stateless: `store` is false)."""
+
+    id: str
+    object: Literal["response"]
+    created_at: int
+    status: Literal["in_progress", "completed", "incomplete", "failed"]
+    error: dict[str, str] | None
+    incomplete_details: dict[str, str] | None
+    model: str
+    output: list[ResponseOutputItem]
+    usage: ResponseUsage | None
+    store: Literal[False]
+
+
+class ResponseStreamEvent(BaseModel):
+    """One typed event (also the SSE `event:` name): response.created, response.in_progress,
+    response.output_item.added / .done, response.content_part.added / .done, response.output_text.delta /
+    .done, response.function_call_arguments.delta / .done, and last response.completed (or
+    response.incomplete, response.failed)."""
+
+    type: str
+    sequence_number: int
+    response: Response | None = None
+
+
 RESPONSE_MODELS = (
     ErrorResponse, Health, ModelList, ModelCard, TokenizeResponse, DetokenizeResponse, Completion, CompletionChunk,
-    ChatCompletion, ChatCompletionChunk, Generation, GenerateTokenEvent, GenerateFinalEvent,
+    ChatCompletion, ChatCompletionChunk, Generation, GenerateTokenEvent, GenerateFinalEvent, Response,
+    ResponseStreamEvent,
 )
 
 # ---- operations ------------------------------------------------------------------------------------------
@@ -293,6 +370,10 @@ OPERATIONS: dict[tuple[str, str], Op] = {
         GENERATION_ERRORS,
         "The chat completion (`application/json`), or with `stream: true` its chunks as server-sent events, "
         f"ending with `data: {SSE_DONE}` (an engine failure mid-stream sends an error object first)"),
+    ("post", "/v1/responses"): Op(
+        {JSON: _ref("Response"), SSE: _sse("ResponseStreamEvent", done=False)}, GENERATION_ERRORS,
+        "The response (`application/json`), or with `stream: true` its typed events as server-sent events, the "
+        "last one response.completed, response.incomplete or response.failed"),
     ("post", "/generate"): Op(
         {JSON: _ref("Generation"),
          SSE: _sse("GenerateTokenEvent", "GenerateFinalEvent", "ErrorResponse", done=False),

@@ -79,9 +79,11 @@ def tool_request(llm: LLM, tools: Sequence[Tool], choice: str | None, function: 
                            param=fields.choice_name)
         mode: ToolChoiceMode = "required"
     else:
-        mode = choice or ("auto" if tools else "none")
-    if mode != "none" and not tools:
-        raise APIError(400, f"tool_choice {mode!r} needs tools", param="tool_choice")
+        mode = choice or "auto"
+    if not tools:  # "auto" without tools is what some clients send by default: plain text
+        if mode == "required":
+            raise APIError(400, "tool_choice 'required' needs tools", param="tool_choice")
+        mode = "none"
     parallel = True if parallel is None else parallel
     if mode == "none":
         return ToolRequest(tools, mode, None, parallel, None)

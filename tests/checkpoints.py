@@ -50,6 +50,7 @@ def make_checkpoint(
     attention_bias: bool = False,
     seed: int = 0,
     init_std: float = 0.2,
+    max_position_embeddings: int = 512,
 ):
     """Save a random LlamaForCausalLM / Qwen2ForCausalLM with a byte tokenizer; returns the HF model.
 
@@ -67,7 +68,7 @@ def make_checkpoint(
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
         tie_word_embeddings=tie,
-        max_position_embeddings=512,
+        max_position_embeddings=max_position_embeddings,
         initializer_range=init_std,
         bos_token_id=256,
         eos_token_id=258,

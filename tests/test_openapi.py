@@ -41,7 +41,8 @@ CHECKS = [
     "negative_data_rejection",
 ]
 OPERATIONS = [
-    "POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models", "GET /v1/models/{model_id}",
+    "POST /v1/completions", "POST /v1/chat/completions", "POST /v1/responses", "GET /v1/models",
+    "GET /v1/models/{model_id}",
     "POST /generate", "POST /tokenize", "POST /detokenize", "GET /health", "GET /metrics",
 ]
 

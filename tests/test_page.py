@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -33,6 +34,11 @@ PLAYWRIGHT_MISSING = "the browser test needs playwright (the test extra): make s
 PROMPT = "Doc 1: the cat sat. Doc 2: a dog ran. Q: who sat?"  # byte tokenizer: one token per character
 FINISHED = ", ".join(f"body[data-state={s}]" for s in ("done", "error", "ended", "stopped"))
 TRANSPARENT = "rgba(0, 0, 0, 0)"
+# A tool whose arguments the grammar bounds (an enum, no other keys): even a random model's call completes.
+TIME_TOOL = {"type": "function", "function": {
+    "name": "get_time", "description": "The time now in a time zone",
+    "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+                   "additionalProperties": False}}}
 
 
 # ---- fixtures ----------------------------------------------------------------------------------------------
@@ -47,6 +53,15 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_llm(tiny_model) -> LLM:
     return LLM(tiny_model, dtype="float32", num_blocks=64, max_model_len=256)
+
+
+@pytest.fixture(scope="module")
+def tool_llm(tmp_path_factory) -> LLM:
+    """Room for tools: their preamble in the system message is ~600 tokens of the byte tokenizer."""
+    pytest.importorskip("transformers")
+    out = tmp_path_factory.mktemp("page") / "tiny-tools"
+    make_checkpoint(out, num_kv_heads=2, num_heads=4, hidden=64, layers=2, max_position_embeddings=1024)
+    return LLM(out, dtype="float32", num_blocks=128, max_model_len=1024)
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +123,13 @@ def generate(page, max_tokens: int = 12, timeout_s: float = 30) -> str:
     page.click("#generate")
     page.wait_for_selector(FINISHED, timeout=timeout_s * 1000)
     return page.get_attribute("body", "data-state")
+
+
+def turn_tools_on(page, tools: list | str, tool_choice: str = "auto") -> None:
+    page.click("#tools-box summary")  # the section starts closed
+    page.check("#use-tools")
+    page.fill("#tools", tools if isinstance(tools, str) else json.dumps(tools))
+    page.select_option("#tool_choice", tool_choice)
 
 
 def backgrounds(page) -> list[str]:
@@ -263,6 +285,111 @@ def test_chat_spans_are_chosen_among_the_prompt_tokens(tiny_llm, tab):
         assert page.locator("#span-bars .sbar").count() == page.locator("#text .tok.gen").count()
         page.fill("#prompt", "another prompt")  # the positions no longer mean anything: the span goes
         assert page.inner_text("#span-list") == ""
+        assert_same_origin(tab, live.url)
+
+
+def test_tool_calls_stream_into_the_page(tool_llm, tab, tmp_path):
+    """Tools on: the chat goes to /v1/chat/completions with the tools; each call is drawn as it streams, its
+    arguments growing, then pretty-printed; the attention views say they do not apply; tools off: /generate."""
+    page = tab.page
+    with LiveServer(create_app(tool_llm, ServerSettings(api_key=KEY))) as live:
+        open_page(tab, live.url)
+        page.fill("#api-key", KEY)
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_selector("#model:has-text('tiny')")
+        set_prompt(page, "What time is it in Berlin?", mode="chat")
+        turn_tools_on(page, [TIME_TOOL], tool_choice="required")
+        page.uncheck("#parallel_tool_calls")
+        page.evaluate("""() => {  // every text the call's arguments block shows, in order (each piece sets it)
+            window.shownArguments = [];
+            new MutationObserver(records => records.forEach(r => {
+                if (r.target.matches('.tool-call pre.arguments'))
+                    r.addedNodes.forEach(n => window.shownArguments.push(n.textContent));
+            })).observe(document.getElementById('text'), {childList: true, subtree: true}); }""")
+        with page.expect_request(lambda r: urlsplit(r.url).path == "/v1/chat/completions") as sent:
+            state = generate(page, max_tokens=120)
+        assert state == "done", page.inner_text("#error")
+        body = sent.value.post_data_json
+        assert body["tools"] == [TIME_TOOL] and body["tool_choice"] == "required"
+        assert body["parallel_tool_calls"] is False and body["stream"] is True and "attention" not in body
+        assert body["messages"] == [{"role": "user", "content": "What time is it in Berlin?"}]
+        assert sent.value.headers["authorization"] == f"Bearer {KEY}"
+        assert re.match(r"done: tool_calls, 1 call, \d+ tokens", page.inner_text("#status"))
+
+        # one call, open, named after the declared function, its arguments JSON that the schema allows
+        calls = page.locator("#text details.tool-call")
+        assert calls.count() == 1
+        call = calls.first
+        assert call.get_attribute("data-name") == "get_time" and call.get_attribute("open") is not None
+        assert call.get_attribute("data-id").startswith("call_") and call.get_attribute("data-complete") == "true"
+        assert call.locator("summary .fn").inner_text() == "get_time"
+        shown = call.locator("pre.arguments").inner_text()
+        arguments = json.loads(shown)
+        assert set(arguments) == {"zone"} and arguments["zone"] in ("UTC", "CET")
+        assert shown == json.dumps(arguments, indent=2)  # pretty-printed once the stream ended
+        # as it streamed: the raw arguments text grew piece by piece (one per token here), then was pretty-printed
+        seen = page.evaluate("window.shownArguments")
+        raw = seen[:-1]
+        assert len(raw) > 3 and raw[-1] == json.dumps(arguments) and seen[-1] == shown
+        assert all(len(b) > len(a) and b.startswith(a) for a, b in zip(raw, raw[1:]))
+        assert page.inner_text("#text").startswith("What time is it in Berlin?")
+
+        # no attention on that route: a note where it would show, an empty head grid
+        assert "captures no attention" in page.inner_text("#token-panel")
+        assert page.locator("#grid .cell").count() == 0 and "no attention" in page.inner_text("#head-detail")
+        assert "/generate" not in tab.requested_paths() and "/tokenize" not in tab.requested_paths()
+        screenshot(page, tmp_path, "live-page-tools.png")
+
+        # tools off: the same prompt streams from /generate again, with attention
+        page.uncheck("#use-tools")
+        assert generate(page, max_tokens=4) == "done", page.inner_text("#error")
+        assert page.locator("#text .tool-call").count() == 0 and page.locator("#text .tok.gen").count() >= 1
+        assert page.locator("#grid .cell[data-label]").count() == 8 and "no attention" not in page.inner_text("#view")
+        assert_same_origin(tab, live.url)
+
+
+def test_tools_off_by_default_and_bad_tools_shown_without_sending(tiny_llm, tab):
+    page = tab.page
+    with LiveServer(create_app(tiny_llm)) as live:
+        open_page(tab, live.url)
+        # closed and off at first; the example is a valid list with get_weather
+        assert page.get_attribute("#tools-box", "open") is None and not page.is_checked("#use-tools")
+        assert page.inner_text("#tools-state") == "off"
+        [example] = json.loads(page.input_value("#tools"))
+        assert example["type"] == "function" and example["function"]["name"] == "get_weather"
+
+        set_prompt(page, "hello", mode="chat")
+        error = page.locator("#error")
+        cases = [  # (the tools box, the start of the message)
+            ('[{"type": "function", "function": {"name": "get_weather",}}]', "tools: not valid JSON"),
+            (json.dumps(TIME_TOOL), "tools: not a JSON list"),
+            ("[]", "tools: the list is empty"),
+            ("   ", "tools: the box is empty"),
+        ]
+        for i, (tools, message) in enumerate(cases):
+            if i == 0:
+                turn_tools_on(page, tools)
+                assert page.inner_text("#tools-state") == "on"
+            else:
+                page.fill("#tools", tools)
+            page.click("#generate")
+            expect_text = error.inner_text() if error.is_visible() else ""
+            assert expect_text.startswith(message), (tools, expect_text)
+            assert "invalid" in page.get_attribute("#tools", "class")
+        page.fill("#tools", json.dumps([TIME_TOOL]))  # valid, but tools are for Chat
+        assert "invalid" not in page.get_attribute("#tools", "class")
+        set_prompt(page, "hello", mode="completion")
+        page.click("#generate")
+        assert error.inner_text().startswith("tools apply to Chat mode")
+        assert tab.requested_paths() == ["/", "/v1/models"]  # nothing was sent
+        assert page.get_attribute("body", "data-state") == "ready"
+
+        # what only the server can tell: its 400, naming the field, shown as the page shows errors
+        set_prompt(page, "hello", mode="chat")
+        page.fill("#tools", json.dumps([{"type": "function", "function": {"name": "bad name"}}]))
+        assert generate(page) == "error"
+        assert re.match(r"400: invalid value for 'tools\[0\]\.function\.name'", error.inner_text())
+        assert page.locator("#text .tool-call").count() == 0
         assert_same_origin(tab, live.url)
 
 

@@ -447,7 +447,8 @@ def test_bad_inputs_give_openai_errors(live, http, llm):
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 50,
                                   "logprobs": True}, 400, "top_logprobs"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                                  "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+                                  "tools": [{"type": "function", "function": {"name": "f x"}}]}, 400,
+         "tools[0].function.name"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                                   "response_format": {"type": "xml"}}, 400, "response_format"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {
