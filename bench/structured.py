@@ -15,6 +15,11 @@ outlines-core` to compare; kvmini itself needs only llguidance) with the default
   (paired, in turn), on the default model, and what a batch without constrained rows pays (nothing measurable);
 * the dependency weight: what each library pulls in beyond kvmini's own runtime dependencies (installed sizes).
 
+Tool calls (engine/text/tool_calls.py), with llguidance: the grammar of two declared tools under tool_choice
+"required" and "auto", per token over a call (and over free text for "auto", whose text is a lazy lexeme), and
+the engine's decode steps of one request constrained by each against the same request unconstrained: the
+issue's goal is < 5 % per token.
+
 Two grammars: json_object (`{"type": "object"}`: any JSON object) and a json_schema (an object with a string,
 an integer, an enum and an array of strings), in `json.dumps`' layout (kvmini's: `", "` and `": "`, no other
 whitespace; outlines-core's regex allows at most one space there). The machine is shared, so the libraries are interleaved token by
@@ -43,6 +48,7 @@ from engine.sampling.params import SamplingParams  # noqa: E402
 from engine.sampling.sampler import Sampler
 from engine.text.structured import JSON_LAYOUT, StructuredOutput, TokenMasks, bitmask_words  # noqa: E402
 from engine.text.tokenizer import Tokenizer  # noqa: E402
+from engine.text.tool_calls import Tool, format_call, tool_call_grammar, tool_chat_inputs  # noqa: E402
 
 SCHEMA = {
     "type": "object",
@@ -281,6 +287,85 @@ def engine_steps(model: Path, batch: int, steps: int) -> dict:
             "no_constrained_rows_us": us(no_matchers)}
 
 
+TOOLS = [
+    Tool("get_weather", {"type": "object", "properties": {"city": {"type": "string"},
+                                                          "unit": {"enum": ["celsius", "fahrenheit"]}},
+                         "required": ["city"]}, "Get the current weather in a city"),
+    Tool("search", {"type": "object", "properties": {"query": {"type": "string"},
+                                                     "max_results": {"type": "integer", "minimum": 1, "maximum": 10}},
+                    "required": ["query"]}, "Search the web"),
+]
+CALL = format_call("get_weather", {"city": "Paris", "unit": "celsius"})
+TOOL_DOCUMENTS = {  # grammar, then a reply it allows
+    "required": (lambda: tool_call_grammar(TOOLS, "required"), CALL),
+    "auto, text": (lambda: tool_call_grammar(TOOLS, "auto"),
+                   "Paris is mild in spring: days around 15 C, cool nights, and showers that pass quickly. "
+                   "Pack a light coat and an umbrella, and check the forecast the day before you go."),
+    "auto, text then call": (lambda: tool_call_grammar(TOOLS, "auto"), "Let me check that for you.\n" + CALL),
+}
+
+
+def tool_masks(tokenizer: Tokenizer, eos: int, repeats: int) -> dict:
+    """Per token of each tool document: the engine's own mask (`GrammarMatcher.fill_bitmask`) and advance."""
+    from engine.text.structured import GrammarCompiler
+
+    compiler = GrammarCompiler(tokenizer, [eos])
+    bitmask = torch.empty(1, bitmask_words(tokenizer.vocab_size), dtype=torch.int32)
+    row = bitmask[0]
+    out = {}
+    for kind, (grammar, text) in TOOL_DOCUMENTS.items():
+        spec = grammar()
+        compile_s, _ = timed(compiler.compile, spec)
+        ids = tokenizer.encode(text, add_special_tokens=False) + [eos]
+        masks, advances, rejected = [], [], 0
+        for _ in range(repeats):
+            matcher = compiler.matcher(spec)
+            for t in ids:
+                dt, _ = timed(matcher.fill_bitmask, row)
+                masks.append(dt)
+                rejected += not allowed(bitmask, t)
+                dt, _ = timed(matcher.accept, t)
+                advances.append(dt)
+        out[kind] = {"document_tokens": len(ids), "compile_ms": ms(compile_s), "mask_us": us(statistics.median(masks)),
+                     "mask_p90_us": us(quantile(masks, 0.9)), "advance_us": us(statistics.median(advances)),
+                     "tokens_rejected_by_mask": rejected}
+    return out
+
+
+def tool_engine_steps(model: Path, steps: int) -> dict:
+    """One request's decode steps, unconstrained against constrained by each tool grammar (two engines, stepped
+    in turn, the prompt showing the tools as the server does); medians of the steps where both still run."""
+    from engine import LLM
+
+    llms = [LLM(model, dtype="bfloat16") for _ in range(2)]
+    messages, kwargs = tool_chat_inputs([{"role": "user", "content": "What is the weather in Paris?"}], TOOLS,
+                                        template_has_tools=False)
+    prompt = llms[0].chat_prompt(messages, **kwargs)
+    out = {}
+    for kind, grammar in (("required", tool_call_grammar(TOOLS, "required")),
+                          ("auto", tool_call_grammar(TOOLS, "auto"))):
+        for k, llm in enumerate(llms):
+            llm.engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True,
+                                                          structured_output=grammar if k == 1 else None))
+            while any(not r.seq.output_ids for r in llm.engine.requests.values()):
+                llm.engine.step()
+        times: tuple[list[float], list[float]] = ([], [])
+        for i in range(steps):
+            if any(not llm.engine.requests for llm in llms):
+                break
+            for j in ((0, 1) if i % 2 == 0 else (1, 0)):
+                times[j].append(timed(llms[j].engine.step)[0])
+        for llm in llms:
+            while llm.engine.has_unfinished():
+                llm.engine.step()
+        plain, constrained = times
+        step, step_constrained = statistics.median(plain), statistics.median(constrained)
+        out[kind] = {"steps": len(plain), "step_ms": ms(step), "step_constrained_ms": ms(step_constrained),
+                     "overhead_pct": round(100 * (step_constrained - step) / step, 2),
+                     "pair_overhead_ms": ms(statistics.median(b - a for a, b in zip(plain, constrained)))}
+    return {"model": model.name, "dtype": "bfloat16", "batch": 1, "grammars": out}
+
+
 def dependency_weight(library: str) -> dict:
     """The packages `library` needs that kvmini's other runtime dependencies do not bring, with installed sizes."""
     mine = requirement_closure("kvmini", skip={canonical(m) for m in LIBRARIES})
@@ -389,6 +474,8 @@ def main() -> None:
                          "libraries": {n: {"compile_ms": cold[n], **tokens[n]} for n in adapters}}
     sampler = [sampler_side(vocab.size, b, args.repeats * 10) for b in (1, 8)]
     engine = engine_steps(args.model, args.batch, args.steps) if "llguidance" in adapters and args.steps else None
+    tool_tokens = tool_masks(tokenizer, eos, args.repeats)
+    tool_engine = tool_engine_steps(args.model, args.steps) if args.steps else None
     deps = {name: dependency_weight(LIBRARIES[name]) if name in adapters else "not installed" for name in LIBRARIES}
     load_after = os.getloadavg()
 
@@ -412,11 +499,21 @@ def main() -> None:
               f"{e['step_ms']} ms a step (min {e['step_min_ms']}), {e['step_one_constrained_ms']} ms with one request "
               f"constrained (min {e['step_one_constrained_min_ms']}); overhead {e['overhead_ms']} ms (pair median); "
               f"batch without constrained rows: {e['no_constrained_rows_us']} us")
+    print("\ntool calls (llguidance, engine/text/tool_calls.py; medians)")
+    print_table(["grammar", "tokens", "compile ms", "mask us", "mask p90 us", "advance us", "rejected"],
+                [[k, x["document_tokens"], x["compile_ms"], x["mask_us"], x["mask_p90_us"], x["advance_us"],
+                  x["tokens_rejected_by_mask"]] for k, x in tool_tokens.items()])
+    if tool_engine is not None:
+        for kind, x in tool_engine["grammars"].items():
+            print(f"engine, one request, tool_choice {kind}: {x['step_ms']} ms a step unconstrained, "
+                  f"{x['step_constrained_ms']} ms constrained ({x['overhead_pct']:+.1f} %, {x['steps']} paired steps; "
+                  f"pair median {x['pair_overhead_ms']} ms)")
     path = write_json(args.out, {
         "machine": machine(), "load_average": {"before": load_before, "after": load_after},
         "model": args.model.name, "vocab_size": vocab.size, "repeats": args.repeats, "setup": setup,
         "not_installed": missing, "grammars": {k: {"schema": s} for k, (s, _) in GRAMMARS.items()},
         "results": results, "sampler": sampler, "engine": engine, "dependencies": deps,
+        "tool_calls": {"tokens": tool_tokens, "engine": tool_engine},
     })
     print(f"wrote {path}")
 
