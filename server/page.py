@@ -3,7 +3,8 @@
 The page is a client of this server's own API and holds no data, so it is open like `/health`
 (server/middleware.py OPEN_PATHS): the requests it makes carry the API key the person types. It reads
 /v1/models and /tokenize (the prompt's tokens and their texts), then streams POST /generate with `logprobs` and
-`attention` (every layer and head, full rows or top-k, spans, head statistics) and draws what arrives.
+`attention` (every layer and head, full rows or top-k, spans, head statistics) and draws what arrives; with
+tools on, it streams POST /v1/chat/completions instead and draws each tool call as it streams.
 
 Its Content-Security-Policy lets the page talk to this origin only and run only its own inline script (by
 its hash), so nothing external can load and text that reached the page as markup could not run. The label
