@@ -253,6 +253,24 @@ def sampler_side(vocab_size: int, batch: int, repeats: int) -> dict[str, float]:
     return out
 
 
+def paired_steps(llms: list, batch: int, steps: int) -> tuple[list[float], list[float]]:
+    """Prefill both engines' requests, then time their decode steps in turn (the order alternating) while each
+    still runs all `batch` requests; then run them to the end. Each engine's step times."""
+    for llm in llms:
+        while any(not r.seq.output_ids for r in llm.engine.requests.values()):
+            llm.engine.step()  # the prefills
+    times: tuple[list[float], list[float]] = ([], [])
+    for i in range(steps):
+        if any(len(llm.engine.requests) < batch for llm in llms):
+            break
+        for j in ((0, 1) if i % 2 == 0 else (1, 0)):
+            times[j].append(timed(llms[j].engine.step)[0])
+    for llm in llms:
+        while llm.engine.has_unfinished():
+            llm.engine.step()
+    return times
+
+
 def engine_steps(model: Path, batch: int, steps: int) -> dict:
     """Decode steps of two engines on the same greedy batch, stepped in turn: in the second, one request is
     constrained to a JSON object (a prompt SmolLM2 does not finish within `steps` tokens). Medians of the
@@ -266,20 +284,9 @@ def engine_steps(model: Path, batch: int, steps: int) -> dict:
             json_object = StructuredOutput(json_object=True) if k == 1 and i == 0 else None
             llm.engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True,
                                                           structured_output=json_object))
-        while any(not r.seq.output_ids for r in llm.engine.requests.values()):
-            llm.engine.step()  # the prefills
-    times: tuple[list[float], list[float]] = ([], [])
-    for i in range(steps):
-        if any(len(llm.engine.requests) < batch for llm in llms):
-            break
-        for j in ((0, 1) if i % 2 == 0 else (1, 0)):
-            times[j].append(timed(llms[j].engine.step)[0])
-    for llm in llms:
-        while llm.engine.has_unfinished():
-            llm.engine.step()
+    plain, constrained = paired_steps(llms, batch, steps)
     none = [None] * batch
     no_matchers = statistics.median(timed(lambda: TokenMasks.from_matchers(none))[0] for _ in range(1000))
-    plain, constrained = times
     return {"model": model.name, "dtype": "bfloat16", "batch": batch, "steps": len(plain),
             "step_ms": ms(statistics.median(plain)), "step_one_constrained_ms": ms(statistics.median(constrained)),
             "overhead_ms": ms(statistics.median(b - a for a, b in zip(plain, constrained))),  # per pair of steps
@@ -347,18 +354,7 @@ def tool_engine_steps(model: Path, steps: int) -> dict:
         for k, llm in enumerate(llms):
             llm.engine.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True,
                                                           structured_output=grammar if k == 1 else None))
-            while any(not r.seq.output_ids for r in llm.engine.requests.values()):
-                llm.engine.step()
-        times: tuple[list[float], list[float]] = ([], [])
-        for i in range(steps):
-            if any(not llm.engine.requests for llm in llms):
-                break
-            for j in ((0, 1) if i % 2 == 0 else (1, 0)):
-                times[j].append(timed(llms[j].engine.step)[0])
-        for llm in llms:
-            while llm.engine.has_unfinished():
-                llm.engine.step()
-        plain, constrained = times
+        plain, constrained = paired_steps(llms, 1, steps)
         step, step_constrained = statistics.median(plain), statistics.median(constrained)
         out[kind] = {"steps": len(plain), "step_ms": ms(step), "step_constrained_ms": ms(step_constrained),
                      "overhead_pct": round(100 * (step_constrained - step) / step, 2),
