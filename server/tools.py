@@ -85,10 +85,10 @@ def tool_request(llm: LLM, tools: Sequence[Tool], choice: str | None, function: 
             raise APIError(400, "tool_choice 'required' needs tools", param="tool_choice")
         mode = "none"
     parallel = True if parallel is None else parallel
+    for i, tool in enumerate(tools):  # each schema on its own first (also under "none"): an error names its tool
+        _compile(llm, arguments_schema(tool), fields.tool.format(i) + ".parameters")
     if mode == "none":
         return ToolRequest(tools, mode, None, parallel, None)
-    for i, tool in enumerate(tools):  # each schema on its own first: an error names its tool
-        _compile(llm, arguments_schema(tool), fields.tool.format(i) + ".parameters")
     grammar = tool_call_grammar(tools, mode, function=function, parallel=parallel)
     _compile(llm, grammar, "tools")
     return ToolRequest(tools, mode, function, parallel, grammar)

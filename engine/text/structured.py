@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,15 +110,17 @@ def check_schema_depth(schema: Any, param: str, limit: int = MAX_SCHEMA_DEPTH) -
 
 
 class GrammarError(RuntimeError):
-    """A matcher refused a token or failed: ends that request alone (finish_reason "error")."""
+    """A matcher refused a token or failed (llguidance's limits reached): ends that request alone
+    (finish_reason "error")."""
 
 
 class GrammarMatcher:
     """One sequence's position in its grammar (an llguidance matcher)."""
 
-    def __init__(self, matcher: Any, vocab_size: int):
+    def __init__(self, matcher: Any, vocab_size: int, on_error: Callable[[], None] | None = None):
         self._matcher = matcher
         self.vocab_size = vocab_size  # the tokenizer's: the bitmask covers ids 0 .. vocab_size - 1
+        self._on_error = on_error  # the compiler drops the template this matcher was copied from
 
     def fill_bitmask(self, row: torch.Tensor) -> None:
         """Write the tokens allowed next into `row`, a contiguous int32 CPU tensor of
@@ -128,8 +130,13 @@ class GrammarMatcher:
     def accept(self, token_id: int) -> None:
         """Advance with the sampled token; GrammarError when the grammar refuses it (the mask allows only
         tokens it accepts, so this means the matcher failed)."""
-        if not self._matcher.consume_token(token_id):
-            raise GrammarError(f"the grammar refused token {token_id}: {self._matcher.get_error()}")
+        # An exhausted llguidance lexer ("too many expressions constructed") leaves a mask of EOS alone, which
+        # it then accepts: is_error() is what tells that the output is not complete.
+        if not self._matcher.consume_token(token_id) or self._matcher.is_error():
+            if self._on_error is not None:
+                self._on_error()
+            reason = self._matcher.get_error().split("\n", 1)[0][:MAX_ERROR_CHARS]  # not the parser's state dump
+            raise GrammarError(f"the grammar failed at token {token_id}: {reason}")
 
     @property
     def is_finished(self) -> bool:
@@ -155,7 +162,14 @@ class GrammarCompiler:
     def matcher(self, spec: StructuredOutput) -> GrammarMatcher:
         """A fresh matcher for one request. A schema llguidance cannot compile raises `RequestError`
         naming `structured_output.json`."""
-        return GrammarMatcher(self._template(spec).deep_copy(), self.vocab_size)
+        # Copies share the template's lexer: when one fails (its lexer's limits reached), the template goes,
+        # and the next request compiles afresh instead of inheriting the exhausted lexer.
+        return GrammarMatcher(self._template(spec).deep_copy(), self.vocab_size, lambda: self.forget(spec))
+
+    def forget(self, spec: StructuredOutput) -> None:
+        """Drop `spec`'s compiled grammar from the cache (nothing to do when it is not there)."""
+        with self._lock:
+            self._templates.pop(spec.key, None)
 
     def compile(self, spec: StructuredOutput) -> None:
         """Compile `spec`'s grammar into the cache (nothing to do when it is there); `RequestError` as `matcher`."""
