@@ -877,11 +877,15 @@ def test_hostile_schemas_are_refused_or_bounded(http, case):
 
 
 def test_nesting_past_the_json_parser_is_a_4xx_and_the_server_carries_on(http):
-    """500 nested objects (1000 JSON levels) and 5000: more than Python's JSON parser nests (its recursion
-    limit), so FastAPI cannot read the body: a 400 (invalid_json), never a 500 or a hang."""
+    """500 nested objects (1000 JSON levels) and 5000: at or past what Python's JSON parser nests (its
+    recursion limit, which the interpreter's stack and the running thread decide), so the body is either
+    refused unread (400 invalid_json) or read and refused by the depth rule (400 naming the field); never a
+    500 or a hang."""
     for objects in (500, 5000):
         r = post_hostile(http, deep_schema(objects), tool_choice="required")
-        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", r.text[:300]
+        error = r.json()["error"]
+        assert r.status_code == 400, r.text[:300]
+        assert error["code"] == "invalid_json" or error["param"] == "tools[0].function.parameters", error
         assert_still_serving(http)
 
 
