@@ -55,6 +55,7 @@ from server.params import (
 from server.protocol import DetokenizeRequest, GenerateRequest, TokenizeRequest
 from server.state import ServerState, server_state
 from server.streaming import SSE_KEEPALIVE, collect, finite, ndjson, outputs, sse, stream_response
+from server.tools import chat_tools
 
 router = APIRouter()
 
@@ -227,11 +228,13 @@ def _tokenize(state: ServerState, body: TokenizeRequest) -> list[int]:
     check_model(body.model, state.model_name)
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
+    if body.tools and body.messages is None:
+        raise APIError(400, "tools need messages (the chat prompt that shows them)", param="tools")
     if body.prompt is not None:
         with request_errors():
             return state.llm.tokenizer.encode(check_text("prompt", body.prompt),
                                               add_special_tokens=body.add_special_tokens)
-    return chat_prompt_ids(state.llm, body.messages)
+    return chat_prompt_ids(state.llm, body.messages, tools=chat_tools(body.tools))
 
 
 @router.post("/tokenize")

@@ -14,14 +14,14 @@ from starlette.concurrency import run_in_threadpool
 from engine.capture.request import token_char_offsets
 from engine.core.errors import RequestError
 from engine.core.outputs import RequestOutput, TokenLogprob
-from engine.text.tool_calls import ArgumentsDelta, CallStarted, TextDelta, Tool
+from engine.text.tool_calls import ArgumentsDelta, CallStarted, TextDelta
 from server.engine_loop import EngineStepError, Submission
 from server.errors import APIError, error_body
 from server.params import chat_prompt_ids, check_model, check_n, max_tokens_for, prompt_ids, request_errors, submissions
 from server.protocol import ChatCompletionRequest, CompletionRequest, NamedToolChoice
 from server.state import ServerState, server_state
 from server.streaming import SSE_DONE, SSE_KEEPALIVE, collect, finite, outputs, sse, stream_response
-from server.tools import CHAT_FIELDS, ToolRequest, call_json, finish_reason, tool_request
+from server.tools import CHAT_FIELDS, ToolRequest, call_json, chat_tools, finish_reason, tool_request
 
 router = APIRouter()
 
@@ -251,8 +251,7 @@ class ChatInputs:
 
 
 def chat_tool_request(state: ServerState, body: ChatCompletionRequest) -> ToolRequest:
-    tools = [Tool(t.function.name, t.function.parameters if t.function.parameters is not None
-                  else {"type": "object", "properties": {}}, t.function.description) for t in body.tools or []]
+    tools = chat_tools(body.tools)
     named = body.tool_choice.function.name if isinstance(body.tool_choice, NamedToolChoice) else None
     choice = None if named is not None else body.tool_choice
     return tool_request(state.llm, tools, choice, named, body.parallel_tool_calls, CHAT_FIELDS)

@@ -395,6 +395,8 @@ class TokenizeRequest(_Body):
     model: StrictStr | None = None
     prompt: StrictStr | None = None
     messages: Messages | None = None
+    tools: Annotated[list[FunctionTool], Field(max_length=MAX_TOOLS)] | None = Field(
+        default=None, description="with messages: the prompt shows these tools, as chat completions' does")
     add_special_tokens: StrictBool = True
     return_token_texts: StrictBool = Field(default=False, description="also each token's text, decoded on its own "
                                                                       "(special tokens included)")

@@ -25,6 +25,7 @@ from engine.text.tool_calls import (
 )
 from server.errors import APIError
 from server.params import api_error
+from server.protocol import FunctionTool
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,12 @@ class ToolRequest:
 
 
 NO_TOOLS = ToolRequest([], "none", None, True, None)
+
+
+def chat_tools(tools: Sequence[FunctionTool] | None) -> list[Tool]:
+    """Chat completions' tool definitions as the engine's (no parameters: an empty object)."""
+    return [Tool(t.function.name, t.function.parameters if t.function.parameters is not None
+                 else {"type": "object", "properties": {}}, t.function.description) for t in tools or []]
 
 
 def tool_request(llm: LLM, tools: Sequence[Tool], choice: str | None, function: str | None,

@@ -1123,3 +1123,15 @@ def test_a_conversation_with_earlier_calls_and_results(http, live, tiny_llm):
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "tool_calls", r.text
     want = live.on_engine_thread(lambda: tiny_llm.chat_prompt(chat_msgs))
     assert r.json()["usage"]["prompt_tokens"] == len(want)
+
+
+def test_tokenize_counts_the_prompt_with_its_tools(http):
+    """/tokenize with messages and tools gives the prompt chat completions runs (the preamble included)."""
+    messages = USER
+    plain = http.post("/tokenize", json={"messages": messages}).json()["count"]
+    with_tools = http.post("/tokenize", json={"messages": messages, "tools": HTTP_TOOLS}).json()["count"]
+    assert with_tools > plain + 50
+    r = chat(http, tools=HTTP_TOOLS, tool_choice="required", parallel_tool_calls=False, max_tokens=160)
+    assert r.json()["usage"]["prompt_tokens"] == with_tools
+    r = http.post("/tokenize", json={"prompt": "x", "tools": HTTP_TOOLS})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
