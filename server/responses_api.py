@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from engine.core.errors import RequestError
 from engine.core.outputs import RequestOutput
 from engine.text.structured import StructuredOutput
-from engine.text.tool_calls import ArgumentsDelta, CallDone, CallStarted, TextDelta, Tool, ToolCallParser
+from engine.text.tool_calls import ArgumentsDelta, CallDone, CallStarted, TextDelta, ToolCallParser
 from server.engine_loop import EngineStepError, Submission
 from server.errors import APIError
 from server.params import chat_prompt_ids, check_model, max_tokens_for, request_errors, submissions
@@ -43,7 +43,7 @@ from server.responses_protocol import (
 )
 from server.state import ServerState, server_state
 from server.streaming import SSE_KEEPALIVE, collect, dumps, outputs, stream_response
-from server.tools import RESPONSES_FIELDS, ToolRequest, tool_request
+from server.tools import RESPONSES_FIELDS, ToolRequest, engine_tool, tool_request
 
 router = APIRouter()
 
@@ -84,8 +84,7 @@ def _text(content: str | list) -> str:
 
 
 def _tool_request(state: ServerState, body: ResponsesRequest) -> ToolRequest:
-    tools = [Tool(t.name, t.parameters if t.parameters is not None else {"type": "object", "properties": {}},
-                  t.description) for t in body.tools or []]
+    tools = [engine_tool(t.name, t.parameters, t.description) for t in body.tools or []]
     named = body.tool_choice.name if isinstance(body.tool_choice, ResponseNamedToolChoice) else None
     choice = None if named is not None else body.tool_choice
     return tool_request(state.llm, tools, choice, named, body.parallel_tool_calls, RESPONSES_FIELDS)

@@ -66,10 +66,14 @@ class ToolRequest:
 NO_TOOLS = ToolRequest([], "none", None, True, None)
 
 
+def engine_tool(name: str, parameters: dict[str, Any] | None, description: str | None) -> Tool:
+    """One declared function as the engine's `Tool` (no parameters: an object of none)."""
+    return Tool(name, parameters if parameters is not None else {"type": "object", "properties": {}}, description)
+
+
 def chat_tools(tools: Sequence[FunctionTool] | None) -> list[Tool]:
-    """Chat completions' tool definitions as the engine's (no parameters: an empty object)."""
-    return [Tool(t.function.name, t.function.parameters if t.function.parameters is not None
-                 else {"type": "object", "properties": {}}, t.function.description) for t in tools or []]
+    """Chat completions' tool definitions (`{"type": "function", "function": {...}}`) as the engine's."""
+    return [engine_tool(t.function.name, t.function.parameters, t.function.description) for t in tools or []]
 
 
 def tool_request(llm: LLM, tools: Sequence[Tool], choice: str | None, function: str | None,

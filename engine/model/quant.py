@@ -15,6 +15,8 @@ GGUF (the default SmolLM2) comes back on the very same grid, up to the bfloat16 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -69,7 +71,7 @@ def weight_bytes_per_token(config: ModelConfig, quantization: str | None, dense_
     return linear // 2 + linear // INT4_GROUP_SIZE * 4 + head
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(nn.Module, ABC):
     """What the int8 and int4 layers share: up to QUANT_MAX_ROWS rows through their kernel (`row_fn`, each row
     alone), more rows dense over the dequantized `weight`; subclasses hold the weights and the kernel."""
 
@@ -87,12 +89,14 @@ class QuantizedLinear(nn.Module):
 
     __call__ = forward  # hot path: skip nn.Module's hook dispatch (these layers take no hooks)
 
+    @abstractmethod
     def row_fn(self, x2d: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """`x2d` [rows <= QUANT_MAX_ROWS, in] through the layer's own kernel, each row alone."""
 
     @property
+    @abstractmethod
     def weight(self) -> torch.Tensor:
-        raise NotImplementedError
+        """The dequantized weight [out, in], for the dense path."""
 
     def tile_fn(self, size: int):
         """A prompt tile of `size` rows (engine/model/invariance.py): up to QUANT_MAX_ROWS rows through the kernel,

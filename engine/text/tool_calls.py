@@ -236,8 +236,11 @@ def check_tool_messages(messages: Sequence[Mapping[str, Any]], param: str = "mes
         where = f"{param}[{i}]"
         if m.get("role") == "assistant":
             for j, call in enumerate(m.get("tool_calls") or []):
-                call_ids.add(call["id"])
-                arguments = call["function"]["arguments"]
+                if not isinstance(call, Mapping) or not isinstance(call.get("function"), Mapping):
+                    raise RequestError(f"{where}.tool_calls[{j}]", "a tool call is an object with an id and a "
+                                                                   "function {name, arguments}")
+                call_ids.add(call.get("id"))
+                arguments = call["function"].get("arguments")
                 try:
                     value = json.loads(arguments) if isinstance(arguments, str) else arguments
                 except json.JSONDecodeError as e:
